@@ -1,0 +1,40 @@
+"""Shared fixtures: a small bilingual corpus and a tokenizer trained on it (tests make their own data)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+WORDS_EN = "river stone lantern baker harbour meadow copper violet orchard tailor falcon willow".split()
+WORDS_ZH = list("山河湖海城村花草鸟鱼红蓝绿金银铜")
+
+
+def make_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """Short documents with repeated structure, so a micro model can learn something in a few steps."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        if i % 3 == 2:
+            docs.append("".join(rng.choice(WORDS_ZH) for _ in range(rng.randint(8, 30))) + "。")
+        else:
+            docs.append(" ".join(rng.choice(WORDS_EN) for _ in range(rng.randint(5, 25))) + ".")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in make_corpus(400)),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_file):
+    from tunelab.vocab.train import train_tokenizer_files
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer_files([corpus_file], out, vocab_size=400)
+    return out

@@ -1,0 +1,227 @@
+"""Recipes: pydantic models for every section, YAML loading and dotted command-line overrides.
+
+A recipe is a YAML mapping validated by one of the `*Config` models below; unknown keys are errors that
+name the key and suggest the closest valid one. Any key can be overridden on the command line as
+`section.key=value` (the value is parsed as YAML, so `train.lr=3e-4`, `data.sources.0.weight=2`,
+`model.base=null` all work). Relative paths are relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import ConfigError
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    """Where the model comes from: a local HF directory (`base`) or a built-in size `preset`."""
+
+    base: str | None = None
+    preset: Literal["micro", "tiny", "small"] | None = None
+    arch: Literal["llama", "qwen2"] = "llama"
+    tokenizer: str | None = None  # tokenizer directory; defaults to `base`
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.base is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.base (a local HF model directory, to continue "
+                             "training) or model.preset (micro|tiny|small, to start from scratch)")
+        if self.preset is not None and self.tokenizer is None:
+            raise ValueError("model.preset needs model.tokenizer: a local tokenizer directory "
+                             "(make one with `tunelab tokenizer train`)")
+        return self
+
+
+class Source(Section):
+    """One pretraining source: a file, directory or glob of .txt/.jsonl/.json files, and its weight."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+    text_key: str = "text"
+
+
+class PretrainData(Section):
+    """Pretraining data: weighted sources packed into `seq_len` blocks, and held-out evaluation text."""
+
+    sources: list[Source] = Field(min_length=1)
+    seq_len: int = Field(256, ge=8)
+    eval_paths: list[str] = []  # held-out files; when empty, `eval_fraction` of each source's documents
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+
+
+class TrainSection(Section):
+    """The optimisation loop shared by pretraining and fine-tuning."""
+
+    steps: int = Field(200, ge=1)  # optimizer steps
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    precision: Precision = "auto"
+    eval_every: int = Field(100, ge=0)  # 0: evaluate only before and after
+    eval_batches: int = Field(20, ge=1)  # cap on evaluation micro-batches
+    log_every: int = Field(10, ge=1)
+
+
+class PretrainConfig(Section):
+    """`tunelab pretrain`: pretrain from a preset or continue pretraining a local model."""
+
+    name: str = "pretrain"
+    seed: int = 0
+    out_dir: str = "runs"  # the run writes to <out_dir>/<name>/
+    model: ModelSection
+    data: PretrainData
+    train: TrainSection = TrainSection()
+
+
+class DemoConfig(Section):
+    """`tunelab demo`: generate the demo world, train its tokenizer, pretrain the tiny model."""
+
+    name: str = "demo"
+    seed: int = 0
+    out_dir: str = "runs"
+    data_scale: float = Field(1.0, gt=0)  # size of the generated corpus (1.0 = about 1.6 MB of text)
+    vocab_size: int = Field(4096, ge=300)
+    preset: Literal["micro", "tiny", "small"] = "tiny"
+    arch: Literal["llama", "qwen2"] = "llama"
+    seq_len: int = Field(256, ge=8)
+    samples: int = Field(6, ge=0)  # fact prompts completed before and after pretraining
+    sample_tokens: int = Field(12, ge=1)
+    train: TrainSection = TrainSection(steps=300, micro_batch_size=16, lr=3e-3, warmup_steps=20,
+                                       eval_every=100, eval_batches=8, log_every=10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading, overrides, error messages
+
+
+def load_config(cls: type[Section], path: str | Path | None = None, overrides: list[str] = ()) -> Section:
+    """Read a YAML recipe (or start empty), apply `key=value` overrides and validate it as `cls`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(cls, raw, source=str(path) if path else "command line")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML file into a mapping; syntax errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: recipe file not found (give the path of a YAML file, e.g. examples/demo.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem}); fix the syntax at that line") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file; save the recipe as UTF-8 YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a YAML mapping of sections (model:, data:, train:), "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set one dotted `a.b.c=value` override in `raw`; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[:i])}' is a list of {len(node)}; "
+                                  f"use an index 0..{len(node) - 1}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i])}' is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+
+
+def validate(cls: type[Section], raw: dict[str, Any], source: str = "recipe") -> Section:
+    """Validate `raw` as `cls`, turning pydantic's report into one clear line per problem."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(cls, err) for err in e.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def _describe(cls: type[BaseModel], err: dict[str, Any]) -> str:
+    loc = [str(x) for x in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(cls, err["loc"][:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"unknown key '{key}' ({hint})"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in {"value_error", "assertion_error"} and not loc:
+        return msg
+    return f"{key}: {msg} (got {err.get('input')!r})"
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the section at `loc` (list indices skipped), for 'did you mean' hints."""
+    model: Any = cls
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _section_type(field.annotation) if field else None
+    return sorted(model.model_fields) if model else []
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _section_type(arg)
+            if found:
+                return found
+    return None
+
+
+def dump_config(cfg: Section) -> dict[str, Any]:
+    """The fully resolved recipe as plain data (written next to every run)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,82 @@
+"""Plain-text documents from .txt, .jsonl and .json files, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+from tunelab.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def resolve_files(path: str | Path) -> list[Path]:
+    """A file, every .txt/.jsonl/.json file under a directory (sorted), or the files matching a glob."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"{p}: directory holds no .txt, .jsonl or .json files")
+        return files
+    matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
+    if not matches:
+        raise DataError(f"{path}: no such file, directory or glob match; check the path "
+                        f"(relative paths are relative to {Path.cwd()})")
+    return matches
+
+
+def read_documents(path: str | Path, text_key: str = "text") -> list[str]:
+    """All documents of a source, in file order.
+
+    `.txt`: documents are separated by one or more blank lines. `.jsonl`: one JSON object per line with
+    the text under `text_key`. `.json`: a list of strings or of objects with `text_key`.
+    """
+    docs: list[str] = []
+    for f in resolve_files(path):
+        docs.extend(_read_file(f, text_key))
+    if not docs:
+        raise DataError(f"{path}: no documents found (the file is empty or holds only blank text)")
+    return docs
+
+
+def _read_file(f: Path, text_key: str) -> list[str]:
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
+    if f.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                docs.append(_text_of(_parse_json(line, f"{f}:{n}"), text_key, f"{f}:{n}"))
+        return [d for d in docs if d.strip()]
+    if f.suffix == ".json":
+        data = _parse_json(text, str(f))
+        if not isinstance(data, list):
+            raise DataError(f"{f}: expected a JSON list of documents (strings or objects with '{text_key}')")
+        docs = [_text_of(item, text_key, f"{f}[{i}]") for i, item in enumerate(data)]
+        return [d for d in docs if d.strip()]
+    paragraphs = text.replace("\r\n", "\n").split("\n\n")
+    return [p.strip("\n") for p in paragraphs if p.strip()]
+
+
+def _parse_json(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _text_of(item: object, text_key: str, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and isinstance(item.get(text_key), str):
+        return item[text_key]
+    keys = ", ".join(item) if isinstance(item, dict) else type(item).__name__
+    raise DataError(f"{where}: no text under key '{text_key}' (found: {keys}); "
+                    f"set the source's text_key to the key that holds the text")

@@ -1,0 +1,114 @@
+"""Models and tokenizers: load local Hugging Face directories, create size presets, save in HF format.
+
+tunelab works from local directories only (no hub downloads). Anything `AutoModelForCausalLM` can load
+from a directory works; the presets build Llama- or Qwen2-style models from scratch for pretraining.
+What `save_model` writes loads in plain `transformers` without tunelab and gives the same logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import logging as hf_logging
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
+                          PreTrainedModel, Qwen2Config)
+
+from tunelab.errors import ModelError
+from tunelab.io import atomic_dir
+
+hf_logging.disable_progress_bar()  # tunelab shows its own progress; no per-shard bars
+hf_logging.set_verbosity_error()
+
+# Sizes for from-scratch training. micro: unit tests; tiny: learns the demo world in ~2 minutes on
+# 2 CPU cores; small: ~100M parameters with a 32k vocabulary (GPT-2-small class).
+PRESETS: dict[str, dict[str, int]] = {
+    "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=512),
+    "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=512, max_position_embeddings=1024),
+    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  intermediate_size=2048, max_position_embeddings=2048),
+}
+ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def require_local_dir(ref: str | Path, what: str = "model") -> Path:
+    """`ref` as a Path if it is a local directory, else an error explaining tunelab's local-only rule."""
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    hint = ""
+    if not p.exists() and str(ref).count("/") == 1 and not str(ref).startswith((".", "/")):
+        hint = (f" If '{ref}' is a Hub id, download it once outside tunelab (e.g. `hf download {ref} "
+                f"--local-dir models/{Path(str(ref)).name}`) and pass that directory.")
+    raise ModelError(f"{what} '{ref}' is not a local directory: tunelab works from local directories "
+                     f"only and never downloads.{hint}")
+
+
+def load_tokenizer(ref: str | Path):
+    """Load a tokenizer directory; gives it a pad token (EOS) when it has none."""
+    path = require_local_dir(ref, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a loadable tokenizer directory ({_first_line(e)}); it needs "
+                         f"tokenizer.json or the tokenizer files of its model") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM from a local HF directory (fp32 master weights by default, for training)."""
+    path = require_local_dir(ref, "model")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json; a model directory is what `save_pretrained` writes")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: cannot load as a causal language model ({_first_line(e)})") from None
+
+
+def create_model(preset: str, arch: str, tokenizer, seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised model of a size preset, with the vocabulary of `tokenizer`."""
+    if preset not in PRESETS:
+        raise ModelError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if arch not in ARCHS:
+        raise ModelError(f"unknown arch '{arch}'; choose one of {', '.join(ARCHS)}")
+    vocab = -(-len(tokenizer) // 64) * 64  # round up to a multiple of 64: faster matmuls, room to add tokens
+    config = ARCHS[arch](vocab_size=vocab, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **PRESETS[preset])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = generation_config_for(tokenizer)
+    return model
+
+
+def generation_config_for(tokenizer) -> GenerationConfig:
+    """Generation defaults that stop at the tokenizer's EOS and pad with its pad token."""
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+
+
+def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer, atomically."""
+    if model.generation_config is None or model.generation_config.eos_token_id is None:
+        model.generation_config = generation_config_for(tokenizer)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters, counting tied weights once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

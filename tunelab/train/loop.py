@@ -1,0 +1,146 @@
+"""The training loop shared by pretraining and fine-tuning: one function, read top to bottom.
+
+AdamW with decoupled weight decay on matrices only; linear warmup then cosine decay, computed from the
+step (no scheduler state to lose); gradient accumulation where the loss of every micro-batch is summed
+over its trainable tokens and divided by the trainable tokens of the whole accumulation window, so
+micro-batch 8 x 1 and 1 x 8 give the same update; gradient clipping; bf16 autocast where the hardware
+supports it; periodic evaluation; an event per step in `events.jsonl`.
+
+It does not know what it trains: it gets the parameters to optimise and a function that returns the
+micro-batches of a step (`{"input_ids", "labels", optional "attention_mask"}`, labels -100 where no
+loss is taken, aligned with the inputs; the loss shifts by one).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.config import TrainSection
+from tunelab.train.events import EventLog, LiveView
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoopResult:
+    """What a run did: per-step losses, evaluations, throughput and memory."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0  # trainable (loss) tokens processed
+    wall_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 under `auto` on a GPU that supports it; fp32 (no autocast) on CPU unless asked for."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def lr_at(step: int, cfg: TrainSection) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 over positions whose (shifted) label is not -100."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def count_loss_tokens(batch: Batch) -> int:
+    """Number of positions that carry a loss in a micro-batch."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def forward_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtype | None) -> torch.Tensor:
+    """Forward one micro-batch and return its summed token loss."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return token_loss_sum(logits, batch["labels"])
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainSection) -> torch.optim.AdamW:
+    """AdamW; no weight decay on vectors (norms, biases)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches: Callable[[int], list[Batch]],
+          cfg: TrainSection, events: EventLog, evaluate: Callable[[], dict[str, Any]] | None = None,
+          view: LiveView | None = None) -> LoopResult:
+    """Run `cfg.steps` optimizer steps; `step_batches(step)` gives that step's micro-batches."""
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(cfg.precision, device)
+    optimizer = make_optimizer(params, cfg)
+    result = LoopResult()
+    view = view or LiveView(cfg.steps, cfg.log_every)
+    model.train()
+    with view:
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [{k: v.to(device) for k, v in b.items()} for b in step_batches(step)]
+            n_tokens = sum(count_loss_tokens(b) for b in batches)
+            loss_sum = 0.0
+            for batch in batches:
+                loss = forward_loss_sum(model, batch, dtype)
+                (loss / max(n_tokens, 1)).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = loss_sum / max(n_tokens, 1)
+            result.losses.append(loss_value)
+            result.tokens += n_tokens
+            result.wall_s += time.perf_counter() - t0  # training time only, evaluation excluded
+            elapsed = result.wall_s
+            eta = elapsed / (step + 1) * (cfg.steps - step - 1)
+            events.write("step", step=step + 1, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
+                         tokens=n_tokens, tokens_per_s=round(result.tokens / elapsed, 1), eta_s=round(eta, 1),
+                         peak_memory_mb=round(peak_memory_mb(device), 1))
+            view.step(step + 1, loss_value, lr, result.tokens / elapsed, eta)
+
+            last = step + 1 == cfg.steps
+            if evaluate and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                metrics = {"step": step + 1, **evaluate()}
+                model.train()
+                result.evals.append(metrics)
+                events.write("eval", **metrics)
+                view.note(f"eval at step {step + 1}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    result.peak_memory_mb = peak_memory_mb(device)
+    return result

@@ -1,0 +1,175 @@
+"""`tunelab pretrain`: text sources → packed blocks → weighted mixture → the training loop → an HF model.
+
+Pretrain a size preset from scratch (with a tokenizer directory) or continue pretraining any local
+model. Held-out documents give the eval loss and perplexity before and after. Everything lands in
+`<out_dir>/<name>/`: `events.jsonl`, `config.json` (the resolved recipe), `summary.json`, `model/`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunelab.config import PretrainConfig, dump_config
+from tunelab.data.mixture import Schedule, mixture_schedule
+from tunelab.data.packing import Packed, pack_documents, tokenize_documents
+from tunelab.data.text import read_documents
+from tunelab.errors import ConfigError, DataError
+from tunelab.io import atomic_write_json, ensure_writable_dir
+from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
+from tunelab.train.events import EventLog, LiveView
+from tunelab.train.loop import autocast_dtype, forward_loss_sum, count_loss_tokens, train
+
+
+@dataclass
+class PretrainData:
+    """Packed training blocks per source, the mixture schedule over them, and packed eval blocks."""
+
+    sources: list[Packed]
+    schedule: Schedule
+    eval_blocks: np.ndarray
+    report: list[dict[str, Any]]
+
+
+def prepare_data(cfg: PretrainConfig, tokenizer) -> PretrainData:
+    """Read, split, tokenize and pack every source; draw the mixture schedule for the whole run."""
+    seq_len, eos = cfg.data.seq_len, tokenizer.eos_token_id
+    train_packed, eval_docs, report = [], [], []
+    for i, src in enumerate(cfg.data.sources):
+        docs = read_documents(src.path, src.text_key)
+        if not cfg.data.eval_paths and cfg.data.eval_fraction > 0:
+            docs, held_out = split_documents(docs, cfg.data.eval_fraction, cfg.seed + i)
+            eval_docs.extend(held_out)
+        packed = pack_documents(tokenize_documents(docs, tokenizer), seq_len, eos, where=src.path)
+        train_packed.append(packed)
+    for path in cfg.data.eval_paths:
+        eval_docs.extend(read_documents(path))
+    n_samples = cfg.train.steps * cfg.train.grad_accum * cfg.train.micro_batch_size
+    weights = [s.weight for s in cfg.data.sources]
+    schedule = mixture_schedule([p.blocks.shape[0] for p in train_packed], weights, n_samples, cfg.seed)
+    counts, epochs = schedule.counts(), schedule.effective_epochs()
+    for src, packed, w, c, e in zip(cfg.data.sources, train_packed, weights, counts, epochs):
+        report.append({"path": src.path, "weight": w / sum(weights), "documents": packed.n_docs,
+                       "tokens": packed.n_tokens, "blocks": int(packed.blocks.shape[0]),
+                       "packing_efficiency": round(packed.efficiency, 5), "samples": c,
+                       "share": round(c / n_samples, 4), "effective_epochs": round(e, 3)})
+    eval_blocks = np.empty((0, seq_len), dtype=np.int64)
+    if eval_docs:
+        eval_tokens = tokenize_documents(eval_docs, tokenizer)
+        n = sum(len(t) + 1 for t in eval_tokens)
+        eval_blocks = pack_documents(eval_tokens, min(seq_len, n), eos, where="held-out eval text").blocks
+    return PretrainData(train_packed, schedule, eval_blocks, report)
+
+
+def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out a seeded random `fraction` of documents (at least one when there are two or more)."""
+    if len(docs) < 2:
+        return docs, []
+    n_eval = min(len(docs) - 1, max(1, round(len(docs) * fraction)))
+    held = set(np.random.default_rng(seed).permutation(len(docs))[:n_eval].tolist())
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def step_batches_fn(data: PretrainData, micro_batch_size: int, grad_accum: int):
+    """`step -> micro-batches` over the schedule: sample k of the run is schedule entry k."""
+    def step_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for m in range(grad_accum):
+            lo = (step * grad_accum + m) * micro_batch_size
+            rows = [data.sources[s].blocks[i] for s, i in
+                    zip(data.schedule.source[lo:lo + micro_batch_size], data.schedule.index[lo:lo + micro_batch_size])]
+            ids = torch.from_numpy(np.stack(rows))
+            out.append({"input_ids": ids, "labels": ids})
+        return out
+    return step_batches
+
+
+@torch.no_grad()
+def block_loss(model: torch.nn.Module, blocks: np.ndarray, micro_batch_size: int, max_batches: int,
+               precision: str = "auto") -> dict[str, float]:
+    """Token-weighted mean next-token loss and perplexity over (evenly spaced) packed blocks."""
+    n = min(len(blocks), micro_batch_size * max_batches)
+    if n == 0:
+        return {}
+    pick = np.linspace(0, len(blocks) - 1, n).round().astype(int)
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(precision, device)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, n, micro_batch_size):
+        ids = torch.from_numpy(blocks[pick[i:i + micro_batch_size]]).to(device)
+        batch = {"input_ids": ids, "labels": ids}
+        total += forward_loss_sum(model, batch, dtype).item()
+        count += count_loss_tokens(batch)
+    loss = total / count
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def build_model(cfg: PretrainConfig):
+    """(model, tokenizer) from the recipe: continue from `model.base` or create `model.preset`."""
+    m = cfg.model
+    tokenizer = load_tokenizer(m.tokenizer or m.base)
+    if m.base is not None:
+        model = load_model(m.base)
+    else:
+        model = create_model(m.preset, m.arch, tokenizer, seed=cfg.seed)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"tokenizer {m.tokenizer or m.base} has {len(tokenizer)} tokens but the model's "
+                          f"embedding has {model.get_input_embeddings().num_embeddings} rows; use the model's "
+                          f"own tokenizer (or resize the model for an extended vocabulary)")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.data.seq_len > max_pos:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum positions "
+                          f"({max_pos}, config.max_position_embeddings); set data.seq_len to at most {max_pos}")
+    return model, tokenizer
+
+
+def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, Any]:
+    """Run a whole pretraining job; returns (and writes) its summary."""
+    run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
+    model, tokenizer = build_model(cfg)
+    data = prepare_data(cfg, tokenizer)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    atomic_write_json(run_dir / "config.json", dump_config(cfg))
+    t = cfg.train
+    view = LiveView(t.steps, t.log_every)
+    n_params = count_parameters(model)
+    view.note(f"model: {cfg.model.base or f'{cfg.model.preset} {cfg.model.arch}'}, {n_params / 1e6:.2f}M "
+              f"parameters, vocab {len(tokenizer)}; seq_len {cfg.data.seq_len}, "
+              f"{t.steps} steps x {t.micro_batch_size * t.grad_accum} blocks")
+    for r in data.report:
+        view.note(f"source {r['path']}: {r['documents']} docs, {r['tokens']:,} tokens, {r['blocks']} blocks, "
+                  f"packing {r['packing_efficiency']:.2%}, weight {r['weight']:.2f} -> share {r['share']:.2f}, "
+                  f"{r['effective_epochs']:.2f} epochs")
+    if len(data.eval_blocks) == 0:
+        view.note("no held-out text (data.eval_fraction=0 and no data.eval_paths): no eval loss")
+
+    def evaluate() -> dict[str, float]:
+        return block_loss(model, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
+
+    with EventLog(run_dir / "events.jsonl") as events:
+        events.write("start", config=dump_config(cfg), parameters=n_params, sources=data.report)
+        before = evaluate()
+        events.write("eval", step=0, **before)
+        started = time.time()
+        result = train(model, [p for p in model.parameters() if p.requires_grad],
+                       step_batches_fn(data, t.micro_batch_size, t.grad_accum), t, events, evaluate, view)
+        after = result.evals[-1] if result.evals else {}
+        save_model(model, tokenizer, run_dir / "model")
+        summary = {
+            "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), "parameters": n_params,
+            "steps": t.steps, "train_loss_first": result.losses[0], "train_loss_last": result.losses[-1],
+            "eval_before": before, "eval_after": {k: v for k, v in after.items() if k != "step"},
+            "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
+            "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
+            "peak_memory_mb": round(result.peak_memory_mb, 1), "sources": data.report,
+        }
+        events.write("end", **{k: v for k, v in summary.items() if k != "sources"})
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

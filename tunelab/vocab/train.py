@@ -1,0 +1,74 @@
+"""Train a byte-level BPE tokenizer (HF `tokenizers`) and save it as a Hugging Face tokenizer directory.
+
+Byte-level BPE has no unknown token: every string, English, Chinese or emoji, encodes and decodes back
+exactly. No Unicode normaliser is applied, on purpose, so `decode(encode(x)) == x` holds for any `x`.
+The directory holds `tokenizer.json`, `tokenizer_config.json` and the ChatML chat template below, and
+loads with `transformers.AutoTokenizer.from_pretrained(dir)` without tunelab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from tunelab.data.text import read_documents
+from tunelab.errors import ConfigError
+from tunelab.io import atomic_dir
+
+EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+
+# ChatML, as Qwen uses: each turn is <|im_start|>role\n...content...<|im_end|>\n.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
+                    extra_special_tokens: list[str] = (), model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer."""
+    specials = SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS]
+    if vocab_size < 256 + len(specials):
+        raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
+                          f"{256 + len(specials)} (256 bytes + {len(specials)} special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                 additional_special_tokens=[IM_START, IM_END] + specials[4:],
+                                 clean_up_tokenization_spaces=False, model_max_length=model_max_length)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def train_tokenizer_files(paths: list[str | Path], out_dir: str | Path, vocab_size: int = 4096,
+                          min_frequency: int = 2, text_key: str = "text",
+                          extra_special_tokens: list[str] = ()) -> PreTrainedTokenizerFast:
+    """Train on the documents of text files (.txt/.jsonl/.json) and save atomically to `out_dir`."""
+    docs: list[str] = []
+    for p in paths:
+        docs.extend(read_documents(p, text_key))
+    tok = train_tokenizer(_iter(docs), vocab_size, min_frequency, extra_special_tokens)
+    save_tokenizer(tok, out_dir)
+    return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
+    """Save a tokenizer directory atomically."""
+    with atomic_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _iter(docs: list[str]) -> Iterator[str]:
+    yield from docs
