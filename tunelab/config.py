@@ -37,7 +37,7 @@ class ModelSection(Section):
     tokenizer: str | None = None  # tokenizer directory; defaults to `base`
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         if (self.base is None) == (self.preset is None):
             raise ValueError("set exactly one of model.base (a local HF model directory, to continue "
                              "training) or model.preset (micro|tiny|small, to start from scratch)")
@@ -99,7 +99,7 @@ class DemoConfig(Section):
     name: str = "demo"
     seed: int = 0
     out_dir: str = "runs"
-    data_scale: float = Field(1.0, gt=0)  # size of the generated corpus (1.0 = about 1.6 MB of text)
+    data_scale: float = Field(1.0, gt=0, le=10)  # size of the generated corpus (1.0 = about 1.6 MB of text)
     vocab_size: int = Field(4096, ge=300)
     preset: Literal["micro", "tiny", "small"] = "tiny"
     arch: Literal["llama", "qwen2"] = "llama"
@@ -183,13 +183,27 @@ def validate(cls: type[Section], raw: dict[str, Any], source: str = "recipe") ->
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
+# Names other toolkits use for our keys, so "did you mean" can point across vocabularies.
+SYNONYMS = {"learning_rate": "lr", "max_steps": "steps", "batch_size": "micro_batch_size",
+            "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+            "max_grad_norm": "grad_clip", "block_size": "seq_len", "max_seq_length": "seq_len",
+            "warmup": "warmup_steps", "model_name_or_path": "base", "dtype": "precision"}
+
+
+def _closest(key: str, valid: list[str]) -> str | None:
+    """The valid key a mistyped `key` most likely means, directly or through a known synonym."""
+    names = valid + [k for k, v in SYNONYMS.items() if v in valid]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return SYNONYMS.get(close[0], close[0]) if close else None
+
+
 def _describe(cls: type[BaseModel], err: dict[str, Any]) -> str:
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         valid = _fields_at(cls, err["loc"][:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f"did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"valid keys: {', '.join(valid)}"
+        close = _closest(loc[-1], valid)
+        hint = f"did you mean '{'.'.join(loc[:-1] + [close])}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"unknown key '{key}' ({hint})"
     if err["type"] == "missing":
         return f"missing required key '{key}'"

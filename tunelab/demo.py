@@ -16,9 +16,9 @@ from typing import Any
 from tunelab.config import DemoConfig, ModelSection, PretrainConfig, PretrainData, Source
 from tunelab.data.demo import fact_completion_pairs, generate_demo_data
 from tunelab.io import atomic_write_json, ensure_writable_dir
+from tunelab.models import load_model
 from tunelab.serve.generate import complete
 from tunelab.train.pretrain import build_model, run_pretrain
-from tunelab.models import load_model
 from tunelab.vocab.train import train_tokenizer_files
 
 # English carries most of the world's text; Chinese states the same facts with a smaller share.

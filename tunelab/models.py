@@ -10,9 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 from transformers import logging as hf_logging
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          PreTrainedModel, Qwen2Config)
 
 from tunelab.errors import ModelError
 from tunelab.io import atomic_dir

@@ -19,13 +19,13 @@ import csv
 import io
 import json
 import math
-import os
 import random
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import DataError
+from tunelab.io import atomic_dir
 
 EN_BYTES, ZH_BYTES = 1_200_000, 400_000  # pretraining text per language at scale 1.0
 N_TRAIN, N_TEST, N_CHOICE_TEST = 3000, 300, 80  # records at scale 1.0
@@ -209,6 +209,8 @@ class Fact:
 
 @dataclass(frozen=True)
 class Person:
+    """One inhabitant; `town` is the name of their home town."""
+
     name: Term
     town: Term
     profession: Term
@@ -219,6 +221,8 @@ class Person:
 
 @dataclass(frozen=True)
 class Town:
+    """One town, lying in a region on a river, famous for one product."""
+
     name: Term
     region: Term
     river: Term
@@ -260,7 +264,7 @@ class World:
         return list(fixed[kind]) if kind in fixed else [Term(str(a), str(a)) for a in AGES]
 
 
-def _unique(rng: random.Random, make, n: int) -> list[str]:
+def _unique(rng: random.Random, make: Callable[[random.Random], str], n: int) -> list[str]:
     """Call make(rng) until it has given n distinct strings; keeps the order they came in."""
     out: list[str] = []
     while len(out) < n:
@@ -464,16 +468,6 @@ def _manifest(seed: int, scale: float, files: dict[str, str]) -> dict:
     return {"seed": seed, "scale": scale, "people": N_PEOPLE, "towns": N_TOWNS, "files": entries}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` into `out`, setting any older `out` aside first and then deleting it."""
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def generate_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> dict:
     """Write the demo world's corpora, instructions and multiple-choice files; return the manifest.
 
@@ -486,15 +480,12 @@ def generate_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -
     files = _build_files(seed, scale)
     manifest = _manifest(seed, scale, files)
     files["manifest.json"] = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for path, text in files.items():
-            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / path).write_bytes(text.encode("utf-8"))
-        _replace_dir(tmp, out)
+        with atomic_dir(out) as tmp:
+            for path, text in files.items():
+                (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / path).write_bytes(text.encode("utf-8"))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"cannot write demo data to {out}: {e}; choose a writable directory") from e
     return manifest
 

@@ -27,7 +27,7 @@ class EventLog:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "EventLog":
+    def __enter__(self) -> EventLog:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -51,7 +51,7 @@ class LiveView:
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
             self.task = self.bar.add_task("train", total=total, info="")
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         if self.bar:
             self.bar.start()
         return self

@@ -20,11 +20,11 @@ from tunelab.config import PretrainConfig, dump_config
 from tunelab.data.mixture import Schedule, mixture_schedule
 from tunelab.data.packing import Packed, pack_documents, tokenize_documents
 from tunelab.data.text import read_documents
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_json, ensure_writable_dir
 from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
 from tunelab.train.events import EventLog, LiveView
-from tunelab.train.loop import autocast_dtype, forward_loss_sum, count_loss_tokens, train
+from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
 
 @dataclass
