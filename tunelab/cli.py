@@ -51,7 +51,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     tok = train_tokenizer_files(args.files, args.out, vocab_size=args.vocab_size,
                                 min_frequency=args.min_frequency, text_key=args.text_key,
-                                extra_special_tokens=args.special_tokens)
+                                extra_special_tokens=args.special_tokens, split_cjk=args.split_cjk)
     console.print(f"tokenizer with {len(tok)} tokens written to {args.out} "
                   f"(load it with transformers.AutoTokenizer.from_pretrained)")
     return 0
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=2)
     p.add_argument("--text-key", default="text", help="key of the text in .jsonl/.json records")
     p.add_argument("--special-tokens", nargs="*", default=[], help="extra special tokens to reserve")
+    p.add_argument("--split-cjk", action="store_true",
+                   help="at most one Chinese/Japanese/Korean character per token (for small corpora)")
     p.set_defaults(func=_cmd_tokenizer_train)
     return parser
 

@@ -42,7 +42,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
     manifest = generate_demo_data(run_dir / "data", seed=cfg.seed, scale=cfg.data_scale)
     corpus = [run_dir / "data" / "pretrain" / f for f in SOURCE_WEIGHTS]
-    train_tokenizer_files(corpus, run_dir / "tokenizer", vocab_size=cfg.vocab_size)
+    train_tokenizer_files(corpus, run_dir / "tokenizer", vocab_size=cfg.vocab_size, split_cjk=True)
 
     pcfg = pretrain_config(cfg, run_dir)
     pairs = fact_completion_pairs(cfg.seed)[: cfg.samples]

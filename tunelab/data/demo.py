@@ -30,7 +30,7 @@ from tunelab.io import atomic_dir
 EN_BYTES, ZH_BYTES = 1_200_000, 400_000  # pretraining text per language at scale 1.0
 N_TRAIN, N_TEST, N_CHOICE_TEST = 3000, 300, 80  # records at scale 1.0
 MAX_SCALE = 10.0  # beyond this the instruction pools run out of distinct questions
-N_PEOPLE, N_TOWNS, N_RIVERS = 24, 12, 6
+N_PEOPLE, N_TOWNS, N_RIVERS = 16, 8, 5
 AGES = range(20, 70)
 LETTERS = "ABCD"
 PERSON_KINDS = ("town", "profession", "colour", "pet", "age")

@@ -2,6 +2,10 @@
 
 Byte-level BPE has no unknown token: every string, English, Chinese or emoji, encodes and decodes back
 exactly. No Unicode normaliser is applied, on purpose, so `decode(encode(x)) == x` holds for any `x`.
+Like GPT-2 and Qwen, the pre-tokeniser keeps a run of Chinese characters together, so BPE can learn
+multi-character words; on small or repetitive corpora it learns whole phrases instead, and a prompt
+that stops inside such a phrase tokenizes differently from the text it was trained on. `split_cjk`
+isolates every CJK character first (at most one character per token), which is what the demo uses.
 The directory holds `tokenizer.json`, `tokenizer_config.json` and the ChatML chat template below, and
 loads with `transformers.AutoTokenizer.from_pretrained(dir)` without tunelab.
 """
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tunelab.data.text import read_documents
@@ -30,8 +34,12 @@ CHAT_TEMPLATE = (
 )
 
 
+CJK = Regex(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
-                    extra_special_tokens: list[str] = (), model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+                    extra_special_tokens: list[str] = (), split_cjk: bool = False,
+                    model_max_length: int = 4096) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer."""
     specials = SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS]
     if vocab_size < 256 + len(specials):
@@ -39,6 +47,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
                           f"{256 + len(specials)} (256 bytes + {len(specials)} special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_cjk:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(CJK, behavior="isolated"),
+                                                     tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
@@ -53,12 +64,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
 
 def train_tokenizer_files(paths: list[str | Path], out_dir: str | Path, vocab_size: int = 4096,
                           min_frequency: int = 2, text_key: str = "text",
-                          extra_special_tokens: list[str] = ()) -> PreTrainedTokenizerFast:
+                          extra_special_tokens: list[str] = (), split_cjk: bool = False) -> PreTrainedTokenizerFast:
     """Train on the documents of text files (.txt/.jsonl/.json) and save atomically to `out_dir`."""
     docs: list[str] = []
     for p in paths:
         docs.extend(read_documents(p, text_key))
-    tok = train_tokenizer(_iter(docs), vocab_size, min_frequency, extra_special_tokens)
+    tok = train_tokenizer(_iter(docs), vocab_size, min_frequency, extra_special_tokens, split_cjk)
     save_tokenizer(tok, out_dir)
     return tok
 
