@@ -68,3 +68,10 @@ def test_shipped_demo_recipe_equals_builtin_defaults():
 
     shipped = load_config(DemoConfig, Path(__file__).parents[1] / "examples" / "demo.yaml")
     assert shipped == DemoConfig()
+
+
+def test_shipped_pretraining_recipe_validates():
+    from pathlib import Path
+
+    cfg = load_config(PretrainConfig, Path(__file__).parents[1] / "examples" / "pretrain_text.yaml")
+    assert cfg.model.preset == "tiny" and len(cfg.data.sources) == 2

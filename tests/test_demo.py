@@ -1,0 +1,21 @@
+import json
+
+from tunelab.cli import main
+
+
+def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
+    code = main(["demo", f"out_dir={tmp_path}", "name=d", "data_scale=0.05", "preset=micro", "seq_len=64",
+                 "samples=2", "sample_tokens=4", "train.steps=12", "train.micro_batch_size=4",
+                 "train.eval_every=6", "train.eval_batches=2"])
+    assert code == 0
+    run = tmp_path / "d"
+    summary = json.loads((run / "summary.json").read_text())
+    pre = summary["pretrain"]
+    assert pre["eval_after"]["eval_ppl"] < pre["eval_before"]["eval_ppl"]
+    assert [s["path"].rsplit("/", 1)[-1] for s in pre["sources"]] == ["world_en.jsonl", "world_zh.jsonl"]
+    assert len(summary["samples"]) == 2 and all({"prompt", "expected", "before", "after"} <= set(s)
+                                                for s in summary["samples"])
+    for d in ("data/pretrain", "data/instructions", "data/choice/dev", "tokenizer", "pretrain/model"):
+        assert (run / d).is_dir(), d
+    out = capsys.readouterr().out
+    assert "eval perplexity" in out and "sample completions" in out

@@ -1,0 +1,64 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from tunelab.config import TrainSection
+from tunelab.models import create_model, load_tokenizer
+from tunelab.train.events import EventLog, read_events
+from tunelab.train.loop import lr_at, train
+
+
+def masked_examples(n: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Variable-length examples padded to 12, with a different number of loss tokens in each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 4 + (i * 5) % 9
+        ids = torch.randint(4, vocab, (12,), generator=g)
+        labels = ids.clone()
+        labels[: 1 + i % 3] = -100  # a prompt that carries no loss
+        labels[length:] = -100  # padding
+        mask = (torch.arange(12) < length).long()
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return out
+
+
+def run_one_step(model, examples, micro: int, accum: int, tmp_path):
+    cfg = TrainSection(steps=1, micro_batch_size=micro, grad_accum=accum, lr=1e-3, warmup_steps=0,
+                       weight_decay=0.0, eval_every=0, log_every=1, grad_clip=0)
+
+    def step_batches(step):
+        return [{k: torch.stack([e[k] for e in examples[m * micro:(m + 1) * micro]]) for k in examples[0]}
+                for m in range(accum)]
+
+    model = copy.deepcopy(model)
+    with EventLog(tmp_path / f"events-{micro}x{accum}.jsonl") as events:
+        result = train(model, list(model.parameters()), step_batches, cfg, events)
+    return result.losses[0], torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_accumulation_invariance_with_masked_variable_length_examples(tmp_path, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = create_model("micro", "llama", tok, seed=0)
+    examples = masked_examples(8, len(tok))
+    ref_loss, ref_params = run_one_step(model, examples, 8, 1, tmp_path)
+    for micro, accum in [(1, 8), (2, 4)]:
+        loss, params = run_one_step(model, examples, micro, accum, tmp_path)
+        assert loss == pytest.approx(ref_loss, abs=1e-5)
+        assert torch.allclose(params, ref_params, atol=1e-5), (micro, accum)
+    events = read_events(tmp_path / "events-8x1.jsonl")
+    n_loss_tokens = sum(int((e["labels"][1:] != -100).sum()) for e in examples)
+    assert events[0]["tokens"] == n_loss_tokens
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainSection(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
