@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -41,6 +42,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for s in summary["samples"]:
         table.add_row(s["prompt"], s["expected"], s["before"], s["after"])
     console.print(table)
+    r = summary["fact_recall"]
+    console.print(f"fact recall (greedy completion of a prompt for each of the world's {r['facts']} facts): "
+                  f"{r['before']:.0%} before -> {r['after']:.0%} after pretraining")
     console.print(f"demo finished in {summary['wall_s']:.0f}s; everything is in {summary['run_dir']}/ "
                   f"(summary.json, data/, tokenizer/, pretrain/events.jsonl, pretrain/model/)")
     return 0
@@ -69,7 +73,7 @@ def show_pretrain_summary(s: dict) -> None:
     table.add_row("train loss", f"{s['train_loss_first']:.4f} (step 1) -> {s['train_loss_last']:.4f} "
                                 f"(step {s['steps']})")
     for r in s["sources"]:
-        table.add_row(f"source {r['path']}", f"share {r['share']:.2f}, {r['effective_epochs']:.2f} epochs, "
+        table.add_row(f"source {Path(r['path']).name}", f"share {r['share']:.2f}, {r['effective_epochs']:.2f} epochs, "
                                              f"packing efficiency {r['packing_efficiency']:.2%}")
     table.add_row("throughput", f"{s['tokens']:,} tokens in {s['train_wall_s']:.0f}s "
                                 f"({s['tokens_per_s']:,.0f} tok/s), peak memory {s['peak_memory_mb']:,.0f} MB")

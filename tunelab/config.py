@@ -103,11 +103,11 @@ class DemoConfig(Section):
     vocab_size: int = Field(4096, ge=300)
     preset: Literal["micro", "tiny", "small"] = "tiny"
     arch: Literal["llama", "qwen2"] = "llama"
-    seq_len: int = Field(256, ge=8)
-    samples: int = Field(6, ge=0)  # fact prompts completed before and after pretraining
+    seq_len: int = Field(128, ge=8)
+    samples: int = Field(6, ge=0)  # fact prompts shown before and after pretraining
     sample_tokens: int = Field(12, ge=1)
-    train: TrainSection = TrainSection(steps=300, micro_batch_size=16, lr=3e-3, warmup_steps=20,
-                                       eval_every=100, eval_batches=8, log_every=10)
+    train: TrainSection = TrainSection(steps=600, micro_batch_size=16, lr=3e-3, warmup_steps=20,
+                                       eval_every=200, eval_batches=8, log_every=20)
 
 
 # ---------------------------------------------------------------------------------------------------------

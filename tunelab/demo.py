@@ -3,7 +3,8 @@
 1. generate the demo world's data (English + Chinese corpus, instruction tasks, multiple choice);
 2. train a byte-level BPE tokenizer on the corpus;
 3. pretrain the tiny preset on the two corpora mixed by weight, with held-out eval loss;
-4. show eval loss and perplexity before → after and greedy completions of fact prompts.
+4. show eval loss and perplexity before → after, and fact recall: greedy completions of a prompt for
+   every fact of the world ("Kolu Fenby works as a" → "fisher"), scored against the world's truth.
 Everything lands in `<out_dir>/<name>/` with a `summary.json`.
 """
 
@@ -36,6 +37,11 @@ def pretrain_config(cfg: DemoConfig, run_dir: Path) -> PretrainConfig:
     )
 
 
+def recall(samples: list[dict[str, str]], key: str) -> float:
+    """Share of facts whose greedy completion starts with the true value."""
+    return sum(s[key].strip().startswith(s["expected"]) for s in samples) / max(1, len(samples))
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end; returns (and writes) its summary."""
     started = time.time()
@@ -45,19 +51,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train_tokenizer_files(corpus, run_dir / "tokenizer", vocab_size=cfg.vocab_size, split_cjk=True)
 
     pcfg = pretrain_config(cfg, run_dir)
-    pairs = fact_completion_pairs(cfg.seed)[: cfg.samples]
-    prompts = [p for p, _ in pairs]
+    pairs = fact_completion_pairs(cfg.seed)
     initial, tokenizer = build_model(pcfg)  # the same seeded initialisation run_pretrain starts from
-    before = complete(initial, tokenizer, prompts, max_new_tokens=cfg.sample_tokens)
+    before = complete(initial, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.sample_tokens)
     del initial
 
     pretrain = run_pretrain(pcfg)
     trained = load_model(pretrain["model_dir"])
-    after = complete(trained, tokenizer, prompts, max_new_tokens=cfg.sample_tokens)
+    after = complete(trained, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.sample_tokens)
     samples = [{"prompt": p, "expected": e, "before": b, "after": a}
                for (p, e), b, a in zip(pairs, before, after)]
-    summary = {"run_dir": str(run_dir), "data": manifest, "pretrain": pretrain, "samples": samples,
-               "facts_completed": sum(s["after"].strip().startswith(s["expected"].strip()) for s in samples),
-               "wall_s": round(time.time() - started, 1)}
+    summary = {"run_dir": str(run_dir), "data": manifest, "pretrain": pretrain,
+               "fact_recall": {"facts": len(pairs), "before": recall(samples, "before"),
+                               "after": recall(samples, "after")},
+               "samples": samples[: cfg.samples], "wall_s": round(time.time() - started, 1)}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
