@@ -54,3 +54,10 @@ def test_non_local_references_are_refused(tmp_path):
         load_tokenizer("meta-llama/Llama-3.2-1B")
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_importing_tunelab_switches_hugging_face_offline():
+    code = "import os; os.environ['HF_HUB_OFFLINE'] = '0'; import tunelab; print(os.environ['HF_HUB_OFFLINE'], " \
+           "os.environ['TRANSFORMERS_OFFLINE'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]

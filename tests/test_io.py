@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_dir, atomic_write_json, ensure_writable_dir
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("v1")
+        assert not target.exists()  # nothing under the final name while writing
+    assert (target / "a.txt").read_text() == "v1"
+
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "v1"  # the old complete directory survives
+    assert os.listdir(tmp_path) == ["model"]  # no temporary leftovers
+
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("v2")
+    assert sorted(os.listdir(target)) == ["b.txt"] and os.listdir(tmp_path) == ["model"]
+
+
+def test_atomic_json_and_writable_checks(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"中": 1})
+    assert (tmp_path / "x.json").read_text(encoding="utf-8") == '{\n  "中": 1\n}\n'
+    assert os.listdir(tmp_path) == ["x.json"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TunelabError, match="cannot write"):
+        ensure_writable_dir(tmp_path / "file" / "run")
