@@ -91,3 +91,14 @@ def test_tokenizer_train_command(tmp_path, corpus_file):
     assert (tmp_path / "tok/tokenizer.json").is_file()
     assert_clean_error(tunelab("tokenizer", "train", tmp_path / "nope.txt", "--out", tmp_path / "t2"), "nope.txt")
     assert not (tmp_path / "t2").exists()
+
+
+def test_tokenizer_output_errors(tmp_path, corpus_file):
+    assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", corpus_file / "tok"), "cannot write")
+    assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", ".", cwd=tmp_path), "current directory")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", tmp_path / "mine"), "refusing to replace")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", tmp_path / "t", "--min-frequency", "-1"),
+                       "min_frequency=-1")

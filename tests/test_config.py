@@ -8,9 +8,9 @@ BASE = ["model.preset=micro", "model.tokenizer=tok", "data.sources=[{path: a.txt
 
 def test_overrides_parse_types_and_nesting():
     cfg = load_config(PretrainConfig, None, BASE + ["train.lr=3e-4", "train.steps=7", "train.betas=[0.8, 0.9]",
-                                                    "data.sources.0.weight=2.5", "name=my run"])
+                                                    "data.sources.0.weight=2.5", "name=2024"])
     assert cfg.train.lr == 3e-4 and cfg.train.steps == 7 and cfg.train.betas == (0.8, 0.9)
-    assert cfg.data.sources[0].weight == 2.5 and cfg.name == "my run"
+    assert cfg.data.sources[0].weight == 2.5 and cfg.name == "2024"  # a number is a fine run name
 
 
 def test_override_replaces_value_from_yaml(tmp_path):
@@ -53,6 +53,15 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_config(PretrainConfig, tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("name=a/../../b", "must be one directory name"), ("name=", "must be one directory name"),
+    ("train.betas=[1.5, 0.9]", "train.betas.0"), ("seed=-1", "seed"), ("train.lr=.inf", "train.lr"),
+    ("data.sources.0.weight=.nan", "data.sources.0.weight")])
+def test_out_of_range_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, None, BASE + [override])
 
 
 def test_bad_override_syntax():

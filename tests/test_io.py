@@ -8,20 +8,32 @@ from tunelab.io import atomic_dir, atomic_write_json, ensure_writable_dir
 
 def test_atomic_dir_replaces_only_when_complete(tmp_path):
     target = tmp_path / "model"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker="a.txt") as tmp:
         (tmp / "a.txt").write_text("v1")
         assert not target.exists()  # nothing under the final name while writing
     assert (target / "a.txt").read_text() == "v1"
 
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(target, marker="a.txt") as tmp:
         (tmp / "a.txt").write_text("half")
         raise RuntimeError("killed mid-write")
     assert (target / "a.txt").read_text() == "v1"  # the old complete directory survives
     assert os.listdir(tmp_path) == ["model"]  # no temporary leftovers
 
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker="a.txt") as tmp:
         (tmp / "b.txt").write_text("v2")
     assert sorted(os.listdir(target)) == ["b.txt"] and os.listdir(tmp_path) == ["model"]
+
+
+def test_atomic_dir_refuses_to_replace_what_it_did_not_write(tmp_path, monkeypatch):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("precious")
+    with pytest.raises(TunelabError, match="not an earlier output"), atomic_dir(tmp_path / "notes", "config.json"):
+        pass
+    monkeypatch.chdir(tmp_path / "notes")
+    for target in (".", ".."):
+        with pytest.raises(TunelabError, match="current directory"), atomic_dir(target, "mine.txt"):
+            pass
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "precious"
 
 
 def test_atomic_json_and_writable_checks(tmp_path):

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tunelab.config import TrainSection
 from tunelab.models import create_model, load_tokenizer
@@ -39,19 +40,44 @@ def run_one_step(model, examples, micro: int, accum: int, tmp_path):
     return result.losses[0], torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def reference_loss_and_grad_norm(model, examples):
+    """Mean token loss over all examples at once, computed directly, and its gradient norm."""
+    model = copy.deepcopy(model)
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    return loss.item(), norm.item()
+
+
 def test_accumulation_invariance_with_masked_variable_length_examples(tmp_path, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
     model = create_model("micro", "llama", tok, seed=0)
     examples = masked_examples(8, len(tok))
+    want_loss, want_norm = reference_loss_and_grad_norm(model, examples)
     ref_loss, ref_params = run_one_step(model, examples, 8, 1, tmp_path)
-    for micro, accum in [(1, 8), (2, 4)]:
+    for micro, accum in [(8, 1), (1, 8), (2, 4)]:
         loss, params = run_one_step(model, examples, micro, accum, tmp_path)
-        assert loss == pytest.approx(ref_loss, abs=1e-5)
+        step = read_events(tmp_path / f"events-{micro}x{accum}.jsonl")[0]
+        # the logged loss and the gradient are those of one mean over every loss token of the window
+        assert loss == pytest.approx(want_loss, abs=1e-5)
+        assert step["grad_norm"] == pytest.approx(want_norm, rel=1e-4)
         assert torch.allclose(params, ref_params, atol=1e-5), (micro, accum)
-    events = read_events(tmp_path / "events-8x1.jsonl")
     n_loss_tokens = sum(int((e["labels"][1:] != -100).sum()) for e in examples)
-    assert events[0]["tokens"] == n_loss_tokens
+    assert step["tokens"] == n_loss_tokens
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, tokenizer_dir):
+    from tunelab.errors import TunelabError
+
+    model = create_model("micro", "llama", load_tokenizer(tokenizer_dir), seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5, 0] = float("nan")
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, 6, 7, 8]])}
+    cfg = TrainSection(steps=2, warmup_steps=0)
+    with EventLog(tmp_path / "e.jsonl") as events, pytest.raises(TunelabError, match="step 1: .*not finite"):
+        train(model, list(model.parameters()), lambda step: [batch], cfg, events)
 
 
 def test_warmup_then_cosine_schedule():

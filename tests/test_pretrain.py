@@ -5,15 +5,19 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import make_corpus
 from tunelab.config import PretrainConfig, load_config
 from tunelab.train.events import read_events
 from tunelab.train.pretrain import block_loss, prepare_data, run_pretrain
 
 
 def micro_config(tmp_path, corpus_file, tokenizer_dir, *extra):
+    second = corpus_file.with_name("second.jsonl")  # a second source with different documents
+    second.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in make_corpus(200, seed=9)),
+                      encoding="utf-8")
     return load_config(PretrainConfig, None, [
         "model.preset=micro", f"model.tokenizer={tokenizer_dir}", f"out_dir={tmp_path}", "name=run",
-        f"data.sources=[{{path: '{corpus_file}', weight: 3}}, {{path: '{corpus_file}', weight: 1}}]",
+        f"data.sources=[{{path: '{corpus_file}', weight: 3}}, {{path: '{second}', weight: 1}}]",
         "data.seq_len=64", "train.steps=40", "train.micro_batch_size=4", "train.lr=3e-3",
         "train.warmup_steps=4", "train.eval_every=20", "train.log_every=10", *extra])
 
@@ -51,10 +55,16 @@ def test_same_seed_same_numbers_and_continue_from_saved_model(tmp_path, corpus_f
     la = [e["loss"] for e in read_events(tmp_path / "a/run/events.jsonl") if e["event"] == "step"]
     lb = [e["loss"] for e in read_events(tmp_path / "b/run/events.jsonl") if e["event"] == "step"]
     assert la == lb
+    # a new run in the same directory that fails during training leaves no stale summary or model
+    from tunelab.errors import TunelabError
+    with pytest.raises(TunelabError, match="not finite"):
+        run_pretrain(micro_config(tmp_path / "a", corpus_file, tokenizer_dir, "train.steps=3", "train.lr=1e30",
+                                  "train.warmup_steps=0", "train.grad_clip=0"))
+    assert not (tmp_path / "a/run/summary.json").exists() and not (tmp_path / "a/run/model").exists()
     cont = load_config(PretrainConfig, None, [
-        f"model.base={a['model_dir']}", f"out_dir={tmp_path / 'c'}", "name=run",
+        f"model.base={b['model_dir']}", f"out_dir={tmp_path / 'c'}", "name=run",
         f"data.sources=[{{path: '{corpus_file}'}}]", "data.seq_len=64", "train.steps=2",
         "train.micro_batch_size=4", "train.lr=1e-4", "train.warmup_steps=0"])
     c = run_pretrain(cont)
-    # continuing starts where the first run ended, not from a fresh initialisation
+    # continuing starts where the earlier run ended, not from a fresh initialisation
     assert c["eval_before"]["eval_loss"] < b["eval_before"]["eval_loss"] - 0.5

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -43,3 +46,18 @@ def test_learns_merges_from_the_corpus(tokenizer_dir):
 def test_vocab_too_small_is_an_error():
     with pytest.raises(ConfigError, match="vocab_size=100 is too small"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "cpsycound" / "cpsycound.jsonl").is_file(), reason="../shared/data absent")
+def test_roundtrip_on_real_chinese_counselling_dialogues():
+    lines = (SHARED / "cpsycound" / "cpsycound.jsonl").read_text(encoding="utf-8").splitlines()[:300]
+    texts = [m["content"] for line in lines for m in json.loads(line)["messages"]]
+    for split_cjk in (False, True):
+        tok = train_tokenizer(texts[:2000], vocab_size=2000, split_cjk=split_cjk)
+        for text in texts[2000:2300]:
+            assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # with split_cjk no token holds more than one Chinese character
+    assert all(sum("\u4e00" <= ch <= "\u9fff" for ch in tok.decode([i])) <= 1 for i in range(len(tok)))

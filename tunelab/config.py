@@ -12,7 +12,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,12 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tunelab.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16"]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+RunName = Annotated[str, Field(pattern=r"^\w[\w.-]*$")]  # one directory name: letters, digits, _ . -
 
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
+                              coerce_numbers_to_str=True)
 
 
 class ModelSection(Section):
@@ -62,6 +65,7 @@ class PretrainData(Section):
     seq_len: int = Field(256, ge=8)
     eval_paths: list[str] = []  # held-out files; when empty, `eval_fraction` of each source's documents
     eval_fraction: float = Field(0.05, ge=0, lt=1)
+    eval_text_key: str = "text"  # key of the text in .jsonl/.json eval_paths
 
 
 class TrainSection(Section):
@@ -74,7 +78,7 @@ class TrainSection(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     precision: Precision = "auto"
     eval_every: int = Field(100, ge=0)  # 0: evaluate only before and after
@@ -85,8 +89,8 @@ class TrainSection(Section):
 class PretrainConfig(Section):
     """`tunelab pretrain`: pretrain from a preset or continue pretraining a local model."""
 
-    name: str = "pretrain"
-    seed: int = 0
+    name: RunName = "pretrain"
+    seed: int = Field(0, ge=0)
     out_dir: str = "runs"  # the run writes to <out_dir>/<name>/
     model: ModelSection
     data: PretrainData
@@ -96,8 +100,8 @@ class PretrainConfig(Section):
 class DemoConfig(Section):
     """`tunelab demo`: generate the demo world, train its tokenizer, pretrain the tiny model."""
 
-    name: str = "demo"
-    seed: int = 0
+    name: RunName = "demo"
+    seed: int = Field(0, ge=0)
     out_dir: str = "runs"
     data_scale: float = Field(1.0, gt=0, le=10)  # size of the generated corpus (1.0 = about 1.6 MB of text)
     vocab_size: int = Field(4096, ge=300)
@@ -205,6 +209,8 @@ def _describe(cls: type[BaseModel], err: dict[str, Any]) -> str:
         close = _closest(loc[-1], valid)
         hint = f"did you mean '{'.'.join(loc[:-1] + [close])}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"unknown key '{key}' ({hint})"
+    if err["type"] == "string_pattern_mismatch":  # only run names have a pattern
+        return f"{key}: must be one directory name of letters, digits, '_', '.' or '-' (got {err.get('input')!r})"
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")

@@ -16,7 +16,7 @@ from typing import Any
 
 from tunelab.config import DemoConfig, ModelSection, PretrainConfig, PretrainData, Source
 from tunelab.data.demo import fact_completion_pairs, generate_demo_data
-from tunelab.io import atomic_write_json, ensure_writable_dir
+from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.models import load_model
 from tunelab.serve.generate import complete
 from tunelab.train.pretrain import build_model, run_pretrain
@@ -46,6 +46,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end; returns (and writes) its summary."""
     started = time.time()
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
+    clear_outputs(run_dir, ["summary.json"])
     manifest = generate_demo_data(run_dir / "data", seed=cfg.seed, scale=cfg.data_scale)
     corpus = [run_dir / "data" / "pretrain" / f for f in SOURCE_WEIGHTS]
     train_tokenizer_files(corpus, run_dir / "tokenizer", vocab_size=cfg.vocab_size, split_cjk=True)

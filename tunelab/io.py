@@ -53,18 +53,41 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def clear_outputs(run_dir: Path, names: list[str]) -> None:
+    """Remove a previous run's results before a new run writes its own, so the two never mix."""
+    for name in names:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path`, on error it is deleted.
 
     The old `path` (if any) stays in place until the new one is complete, so an interrupted write
     leaves either the old complete directory or nothing, never a partial one under the final name.
+    An existing non-empty `path` is only replaced when it holds `marker` (it is an earlier output of
+    the same kind), never when it is the working directory or one of its parents.
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final, cwd = Path(path).resolve(), Path.cwd().resolve()
+    if final == cwd or final in cwd.parents:
+        raise TunelabError(f"{path}: refusing to replace the current directory or a parent of it; "
+                           f"give the name of a new directory")
+    if final.exists() and not final.is_dir():
+        raise TunelabError(f"{path} exists and is a file; give the name of a directory")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).exists():
+        raise TunelabError(f"{path} exists and is not an earlier output of this kind (it has no {marker}); "
+                           f"refusing to replace it: give the name of a new or empty directory")
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise TunelabError(f"{path}: cannot write here ({e.strerror or e}); choose a writable location") from None
     try:
         yield tmp
         for f in tmp.rglob("*"):

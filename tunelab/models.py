@@ -74,8 +74,8 @@ def load_model(ref: str | Path, dtype: torch.dtype = torch.float32) -> PreTraine
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{path}: cannot load as a causal language model ({_first_line(e)})") from None
+    except Exception as e:  # a loader boundary: corrupt weights, unknown model type, missing files, ...
+        raise ModelError(f"{path}: cannot load as a causal language model ({_first_line(e)})") from e
 
 
 def create_model(preset: str, arch: str, tokenizer, seed: int = 0) -> PreTrainedModel:
@@ -104,7 +104,7 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
     """Write config.json, model.safetensors, generation_config.json and the tokenizer, atomically."""
     if model.generation_config is None or model.generation_config.eos_token_id is None:
         model.generation_config = generation_config_for(tokenizer)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="config.json") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists():

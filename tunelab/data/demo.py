@@ -1,6 +1,6 @@
 """A small, seeded, made-up world in English and Chinese: the data behind `tunelab demo`.
 
-The world: 24 people and 12 towns, all invented from syllables (English "Tavi Morrel", Chinese "林青禾").
+The world: 16 people, 8 towns and 5 rivers, all invented from syllables (English "Tavi Morrel", Chinese "林青禾").
 Each person has a home town, a profession, a favourite colour, a pet and an age; each town has a region,
 a river and a famous product. Every name and value has an English and a Chinese form, and both corpora
 state the same facts. All text is written by the templates below; nothing comes from a third party.
@@ -481,7 +481,7 @@ def generate_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -
     manifest = _manifest(seed, scale, files)
     files["manifest.json"] = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, marker="manifest.json") as tmp:
             for path, text in files.items():
                 (tmp / path).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / path).write_bytes(text.encode("utf-8"))

@@ -41,7 +41,8 @@ def tokenize_documents(docs: list[str], tokenizer, batch: int = 1000) -> list[li
 def pack_documents(token_lists: list[list[int]], seq_len: int, eos_id: int, where: str = "data") -> Packed:
     """Concatenate documents with `eos_id` after each one and cut into full `seq_len` blocks."""
     if eos_id is None:
-        raise DataError(f"{where}: the tokenizer has no EOS token; set one (tokenizer.eos_token) before packing")
+        raise DataError(f"{where}: the tokenizer has no EOS token; use a tokenizer that defines eos_token "
+                        f"(in its tokenizer_config.json)")
     lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
     total = int(lengths.sum())
     flat = np.empty(total, dtype=np.int64)

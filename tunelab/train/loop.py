@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import TrainSection
+from tunelab.errors import TunelabError
 from tunelab.train.events import EventLog, LiveView
 
 Batch = dict[str, torch.Tensor]
@@ -93,7 +95,8 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory allocated, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches: Callable[[int], list[Batch]],
@@ -120,6 +123,10 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
                 (loss / max(n_tokens, 1)).backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                raise TunelabError(f"step {step + 1}: the loss or gradient is not finite (loss {loss_sum}, "
+                                   f"grad norm {float(grad_norm)}); lower train.lr (now {cfg.lr}) or use "
+                                   f"precision=fp32. Nothing was saved for this run.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -21,7 +21,7 @@ from tunelab.data.mixture import Schedule, mixture_schedule
 from tunelab.data.packing import Packed, pack_documents, tokenize_documents
 from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
-from tunelab.io import atomic_write_json, ensure_writable_dir
+from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
@@ -49,7 +49,7 @@ def prepare_data(cfg: PretrainConfig, tokenizer) -> PretrainData:
         packed = pack_documents(tokenize_documents(docs, tokenizer), seq_len, eos, where=src.path)
         train_packed.append(packed)
     for path in cfg.data.eval_paths:
-        eval_docs.extend(read_documents(path))
+        eval_docs.extend(read_documents(path, cfg.data.eval_text_key))
     n_samples = cfg.train.steps * cfg.train.grad_accum * cfg.train.micro_batch_size
     weights = [s.weight for s in cfg.data.sources]
     schedule = mixture_schedule([p.blocks.shape[0] for p in train_packed], weights, n_samples, cfg.seed)
@@ -114,10 +114,9 @@ def block_loss(model: torch.nn.Module, blocks: np.ndarray, micro_batch_size: int
 def build_model(cfg: PretrainConfig):
     """(model, tokenizer) from the recipe: continue from `model.base` or create `model.preset`."""
     m = cfg.model
+    model = load_model(m.base) if m.base is not None else None
     tokenizer = load_tokenizer(m.tokenizer or m.base)
-    if m.base is not None:
-        model = load_model(m.base)
-    else:
+    if model is None:
         model = create_model(m.preset, m.arch, tokenizer, seed=cfg.seed)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"tokenizer {m.tokenizer or m.base} has {len(tokenizer)} tokens but the model's "
@@ -153,6 +152,8 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
     def evaluate() -> dict[str, float]:
         return block_loss(model, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
 
+    clear_outputs(run_dir, ["summary.json", "model"])  # a new run: no stale results beside its events
+    torch.manual_seed(cfg.seed)  # dropout and anything else random in training
     with EventLog(run_dir / "events.jsonl") as events:
         events.write("start", config=dump_config(cfg), parameters=n_params, sources=data.report)
         before = evaluate()

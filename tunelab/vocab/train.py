@@ -41,6 +41,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
                     extra_special_tokens: list[str] = (), split_cjk: bool = False,
                     model_max_length: int = 4096) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and wrap it as a transformers fast tokenizer."""
+    if min_frequency < 0:
+        raise ConfigError(f"min_frequency={min_frequency}: must be 0 or more")
     specials = SPECIAL_TOKENS + [t for t in extra_special_tokens if t not in SPECIAL_TOKENS]
     if vocab_size < 256 + len(specials):
         raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
@@ -76,7 +78,7 @@ def train_tokenizer_files(paths: list[str | Path], out_dir: str | Path, vocab_si
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
     """Save a tokenizer directory atomically."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="tokenizer_config.json") as tmp:
         tok.save_pretrained(tmp)
     return Path(out_dir)
 
