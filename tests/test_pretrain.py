@@ -3,9 +3,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import make_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_corpus
 from tunelab.config import PretrainConfig, load_config
 from tunelab.train.events import read_events
 from tunelab.train.pretrain import block_loss, prepare_data, run_pretrain
@@ -50,7 +50,7 @@ def test_micro_pretraining_learns_and_saves_a_plain_hf_model(tmp_path, corpus_fi
 
 
 def test_same_seed_same_numbers_and_continue_from_saved_model(tmp_path, corpus_file, tokenizer_dir):
-    a = run_pretrain(micro_config(tmp_path / "a", corpus_file, tokenizer_dir, "train.steps=6"))
+    run_pretrain(micro_config(tmp_path / "a", corpus_file, tokenizer_dir, "train.steps=6"))
     b = run_pretrain(micro_config(tmp_path / "b", corpus_file, tokenizer_dir, "train.steps=6"))
     la = [e["loss"] for e in read_events(tmp_path / "a/run/events.jsonl") if e["event"] == "step"]
     lb = [e["loss"] for e in read_events(tmp_path / "b/run/events.jsonl") if e["event"] == "step"]
