@@ -152,15 +152,19 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
     def evaluate() -> dict[str, float]:
         return block_loss(model, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
 
+    has_eval = len(data.eval_blocks) > 0
+
     clear_outputs(run_dir, ["summary.json", "model"])  # a new run: no stale results beside its events
     torch.manual_seed(cfg.seed)  # dropout and anything else random in training
     with EventLog(run_dir / "events.jsonl") as events:
         events.write("start", config=dump_config(cfg), parameters=n_params, sources=data.report)
-        before = evaluate()
-        events.write("eval", step=0, **before)
+        before = evaluate() if has_eval else {}
+        if has_eval:
+            events.write("eval", step=0, **before)
         started = time.time()
         result = train(model, [p for p in model.parameters() if p.requires_grad],
-                       step_batches_fn(data, t.micro_batch_size, t.grad_accum), t, events, evaluate, view)
+                       step_batches_fn(data, t.micro_batch_size, t.grad_accum), t, events,
+                       evaluate if has_eval else None, view)
         after = result.evals[-1] if result.evals else {}
         save_model(model, tokenizer, run_dir / "model")
         summary = {
