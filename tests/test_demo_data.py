@@ -17,7 +17,7 @@ from tunelab.data.demo import (
     load_world,
     sample_prompts,
 )
-from tunelab.errors import DataError
+from tunelab.errors import DataError, TunelabError
 
 SUBJECTS = {"world_people": "zh", "world_towns": "zh", "world_english": "en"}
 SCALE = 0.1
@@ -221,10 +221,10 @@ def test_bad_scale_raises_data_error(tmp_path, scale):
     assert not (tmp_path / "data").exists()
 
 
-def test_unwritable_output_raises_data_error(tmp_path):
+def test_unwritable_output_raises_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(DataError, match="not a directory"):
         generate_demo_data(blocker, scale=0.02)
-    with pytest.raises(DataError, match="writable"):
+    with pytest.raises(TunelabError, match="writable"):
         generate_demo_data(blocker / "data", scale=0.02)
