@@ -12,7 +12,7 @@ loads with `transformers.AutoTokenizer.from_pretrained(dir)` without tunelab.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -71,7 +71,7 @@ def train_tokenizer_files(paths: list[str | Path], out_dir: str | Path, vocab_si
     docs: list[str] = []
     for p in paths:
         docs.extend(read_documents(p, text_key))
-    tok = train_tokenizer(_iter(docs), vocab_size, min_frequency, extra_special_tokens, split_cjk)
+    tok = train_tokenizer(docs, vocab_size, min_frequency, extra_special_tokens, split_cjk)
     save_tokenizer(tok, out_dir)
     return tok
 
@@ -82,6 +82,3 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
         tok.save_pretrained(tmp)
     return Path(out_dir)
 
-
-def _iter(docs: list[str]) -> Iterator[str]:
-    yield from docs
