@@ -97,6 +97,64 @@ class PretrainConfig(Section):
     train: TrainSection = TrainSection()
 
 
+class MethodSection(Section):
+    """How to fine-tune: `lora` (low-rank adapters on the target linear layers) or `full` (every weight)."""
+
+    name: Literal["lora", "full"] = "lora"
+    r: int = Field(8, ge=1)  # LoRA rank
+    alpha: float = Field(16.0, gt=0)  # scaling = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = Field(0.05, ge=0, lt=1)  # on the input of the LoRA branch only
+    rslora: bool = False
+    # module names (a layer matches when its name equals one or ends with ".name"), one full-match regex
+    # over the whole module name (a string), or "all-linear" (every nn.Linear except the output head)
+    target_modules: list[str] | str = "all-linear"
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # as PEFT's init_lora_weights=True / "gaussian"
+    freeze_embeddings: bool = False  # full only: keep input embeddings (and a tied head) frozen
+
+
+class SFTData(Section):
+    """Instruction / chat data: files in Alpaca, messages, ShareGPT or plain-text form (detected)."""
+
+    train: list[str] = Field(min_length=1)  # files, directories or globs (.jsonl, .json, .csv, .parquet)
+    eval: list[str] = []  # held-out files; when empty, `eval_fraction` of the training examples
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    train_on: Literal["assistant", "last", "all"] = "assistant"  # which tokens carry the loss
+    max_len: int = Field(1024, ge=8)  # longer examples are cut at the end (see tunelab/data/chat.py)
+    same_role: Literal["merge", "error"] = "merge"  # two consecutive turns of one role
+    allow_empty: bool = False  # drop examples with no trainable token instead of stopping
+    chat_template: str | None = None  # a .jinja file; default: the tokenizer's own, else built-in
+
+
+class FinetuneTrain(TrainSection):
+    """The loop's settings; `epochs`, when set, decides the number of steps from the data size."""
+
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+
+
+class FinetuneConfig(Section):
+    """`tunelab finetune`: supervised fine-tuning of a local model with LoRA or full fine-tuning."""
+
+    name: RunName = "finetune"
+    seed: int = Field(0, ge=0)
+    out_dir: str = "runs"
+    model: ModelSection
+    data: SFTData
+    method: MethodSection = MethodSection()
+    train: FinetuneTrain = FinetuneTrain()
+
+    @model_validator(mode="after")
+    def _needs_base(self) -> FinetuneConfig:
+        if self.model.base is None:
+            raise ValueError("fine-tuning needs model.base: a local HF model directory (for example one "
+                             "written by `tunelab pretrain`, runs/<name>/model)")
+        return self
+
+
 class DemoConfig(Section):
     """`tunelab demo`: generate the demo world, train its tokenizer, pretrain the tiny model."""
 
