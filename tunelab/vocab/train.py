@@ -18,21 +18,13 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tunelab.data.chat import DEFAULT_TEMPLATE as CHAT_TEMPLATE
 from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir
 
 EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
-
-# ChatML, as Qwen uses: each turn is <|im_start|>role\n...content...<|im_end|>\n.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
 
 CJK = Regex(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
 
