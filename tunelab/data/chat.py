@@ -140,7 +140,8 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     ids, offsets = _tokenize_with_offsets(tokenizer, full)
     spans = _assistant_spans(_PROBE, tokenizer, template, full, "end_of_turn_ids")
     labels = _labels(ids, offsets, spans)
-    special = set(tokenizer.all_special_ids)  # a plain-text separator such as "\n\n" would cut answers short
+    # special tokens only: a plain-text separator such as "\n\n" would cut answers short
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     out = [ids[k] for k in range(len(ids))
            if labels[k] != IGNORE and offsets[k][0] >= spans[0][1] and ids[k] in special]
     if tokenizer.eos_token_id is not None:
