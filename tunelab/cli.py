@@ -45,8 +45,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     r = summary["fact_recall"]
     console.print(f"fact recall (greedy completion of a prompt for each of the world's {r['facts']} facts): "
                   f"{r['before']:.0%} before -> {r['after']:.0%} after pretraining")
+    show_finetune_summary(summary["finetune"])
+    table = Table(title="held-out instructions (greedy replies)", show_lines=True)
+    for col in ("task", "instruction", "expected", "before", "after"):
+        table.add_column(col, overflow="fold")
+    for a in summary["answers"]:
+        table.add_row(a["task"], a["instruction"], a["expected"], a["before"], a["after"])
+    console.print(table)
+    acc = summary["task_accuracy"]
+    per_task = ", ".join(f"{t} {acc['before']['per_task'][t]:.0%} -> {v:.0%}"
+                         for t, v in acc["after"]["per_task"].items())
+    console.print(f"strict accuracy on {acc['examples']} held-out instructions: {acc['before']['accuracy']:.0%} "
+                  f"before -> {acc['after']['accuracy']:.0%} after LoRA fine-tuning ({per_task})")
     console.print(f"demo finished in {summary['wall_s']:.0f}s; everything is in {summary['run_dir']}/ "
-                  f"(summary.json, data/, tokenizer/, pretrain/events.jsonl, pretrain/model/)")
+                  f"(summary.json, data/, tokenizer/, pretrain/model/, finetune/adapter/)")
     return 0
 
 
@@ -58,6 +70,146 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
                                 extra_special_tokens=args.special_tokens, split_cjk=args.split_cjk)
     console.print(f"tokenizer with {len(tok)} tokens written to {args.out} "
                   f"(load it with transformers.AutoTokenizer.from_pretrained)")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from tunelab.config import FinetuneConfig, load_config
+    from tunelab.train.finetune import run_finetune
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    summary = run_finetune(cfg)
+    show_finetune_summary(summary)
+    return 0
+
+
+def show_finetune_summary(s: dict) -> None:
+    """One screen: method, trainable share, loss before → after, throughput, where the output is."""
+    table = Table(title=f"fine-tuning summary: {s['run_dir']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("method", f"{s['method']}: {s['trainable_parameters']:,} trainable of {s['parameters']:,} "
+                            f"({s['trainable_parameters'] / s['parameters']:.3%})")
+    before, after = s.get("eval_before", {}), s.get("eval_after", {})
+    if before and after:
+        table.add_row("eval loss", f"{before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
+                                   f"({s['eval_examples']} held-out examples)")
+    table.add_row("train loss", f"{s['train_loss_first']:.4f} (step 1) -> {s['train_loss_last']:.4f} "
+                                f"(step {s['steps']})")
+    table.add_row("throughput", f"{s['tokens']:,} trained tokens in {s['train_wall_s']:.0f}s "
+                                f"({s['tokens_per_s']:,.0f} tok/s), peak memory {s['peak_memory_mb']:,.0f} MB")
+    table.add_row("output", s["output_dir"])
+    console.print(table)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export import export_merged
+
+    if args.base:
+        report = export_merged(args.base, args.out, adapter=args.adapter, tolerance=args.tolerance)
+    else:
+        report = export_merged(args.adapter, args.out, tolerance=args.tolerance)
+    console.print(f"merged {report['adapter']} into {report['base']} -> {report['out_dir']}; equivalence check: "
+                  f"max |logit difference| {report['max_abs_logit_diff']:.2e} over {report['probes']} probe inputs "
+                  f"(tolerance {report['tolerance']:g}): passed", highlight=False)
+    return 0
+
+
+def _load_for_generation(args: argparse.Namespace):
+    from tunelab.data.chat import chat_template_for
+    from tunelab.serve.generate import load_tuned
+
+    model, tokenizer, _ = load_tuned(args.model, args.adapter)
+    template = chat_template_for(tokenizer, args.chat_template)
+    return model, tokenizer, template
+
+
+def _sampling_args(args: argparse.Namespace) -> dict:
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
+        from tunelab.errors import ConfigError
+        raise ConfigError(f"--temperature must be >= 0 (got {args.temperature}), --top-p in (0, 1] (got "
+                          f"{args.top_p}), --max-tokens >= 1 (got {args.max_tokens})")
+    return {"max_new_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": args.seed}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.data.chat import end_of_turn_ids, prompt_for_generation
+    from tunelab.serve.generate import stream
+
+    sampling = _sampling_args(args)
+    prompts = args.prompts if args.prompts != ["-"] else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    model, tokenizer, template = _load_for_generation(args)
+    stop = end_of_turn_ids(tokenizer, template) if args.chat else []
+    for prompt in prompts:
+        text = prompt
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            text = prompt_for_generation(messages + [{"role": "user", "content": prompt}], tokenizer, template)
+        else:
+            sys.stdout.write(prompt)
+        stream(model, tokenizer, text, stop_ids=stop, **sampling)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.data.chat import end_of_turn_ids, prompt_for_generation
+    from tunelab.serve.generate import stream
+
+    sampling = _sampling_args(args)
+    model, tokenizer, template = _load_for_generation(args)
+    stop = end_of_turn_ids(tokenizer, template)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    console.print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''}; "
+                  f"/reset clears the conversation, /exit (or Ctrl-D) leaves", highlight=False)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = stream(model, tokenizer, prompt_for_generation(system + history, tokenizer, template),
+                       stop_ids=stop, **sampling)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _cmd_data_lint(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.data.chat import chat_template_for, encode_example
+    from tunelab.data.lint import format_lint, lint_examples
+    from tunelab.data.records import read_examples
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    template = chat_template_for(tokenizer, args.chat_template)
+
+    def load(paths):
+        examples = [ex for p in paths for ex in read_examples(p, args.format, args.same_role)]
+        return examples, [encode_example(ex, tokenizer, template, args.max_len, args.train_on) for ex in examples]
+
+    train_ex, train_enc = load(args.files)
+    eval_ex, eval_enc = load(args.eval) if args.eval else (None, None)
+    report = lint_examples(train_enc, eval_enc, train_ex, eval_ex)
+    for line in format_lint(report):
+        console.print(line, highlight=False)
+    if args.json:
+        from tunelab.io import atomic_write_json
+        atomic_write_json(args.json, report)
+    elif args.print_json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0
 
 
@@ -97,6 +249,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("finetune", help="fine-tune a local model on instruction or chat data (LoRA or full)")
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. examples/finetune_chat.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.r=16 data.train=[chat.jsonl]")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("export", help="merge an adapter into its base: a standard HF model directory")
+    p.add_argument("adapter", help="adapter directory (e.g. runs/<name>/adapter)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--base", help="base model directory (default: the one named in adapter_config.json)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |logit difference| allowed between merged and base + adapter (default 1e-4)")
+    p.set_defaults(func=_cmd_export)
+
+    for name, help_text in (("generate", "complete prompts with a model (optionally + adapter)"),
+                            ("chat", "talk to a model (optionally + adapter) in the terminal")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="model directory, or an adapter directory (its base is found)")
+        if name == "generate":
+            p.add_argument("prompts", nargs="+", help="prompts ('-' reads one prompt per line from stdin)")
+            p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+        p.add_argument("--adapter", help="adapter directory to apply to the model")
+        p.add_argument("--system", help="system message (chat template only)")
+        p.add_argument("--chat-template", help="a .jinja chat template (default: the tokenizer's own)")
+        p.add_argument("--max-tokens", type=int, default=128 if name == "generate" else 256)
+        p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7,
+                       help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=_cmd_generate if name == "generate" else _cmd_chat)
+
+    data = sub.add_parser("data", help="inspect data").add_subparsers(dest="action", required=True, metavar="action")
+    p = data.add_parser("lint", help="check instruction/chat data: lengths, truncation, empty masks, duplicates")
+    p.add_argument("files", nargs="+", help="training files (.jsonl, .json, .csv, .parquet), dirs or globs")
+    p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
+    p.add_argument("--eval", nargs="*", default=[], help="evaluation files, to check train/eval overlap")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "text"])
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"])
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--same-role", default="merge", choices=["merge", "error"])
+    p.add_argument("--chat-template", help="a .jinja chat template (default: the tokenizer's own)")
+    p.add_argument("--json", help="also write the full report to this JSON file")
+    p.add_argument("--print-json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=_cmd_data_lint)
+
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True,
                                                                               metavar="action")
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer on text files")
@@ -114,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo" and args.config and "=" in args.config:
+    if args.command in ("demo", "finetune") and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)  # `tunelab demo train.steps=50`: an override, not a recipe
         args.config = None
     try:

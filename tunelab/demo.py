@@ -4,21 +4,25 @@
 2. train a byte-level BPE tokenizer on the corpus;
 3. pretrain the tiny preset on the two corpora mixed by weight, with held-out eval loss;
 4. show eval loss and perplexity before → after, and fact recall: greedy completions of a prompt for
-   every fact of the world ("Kolu Fenby works as a" → "fisher"), scored against the world's truth.
+   every fact of the world ("Kolu Fenby works as a" → "fisher"), scored against the world's truth;
+5. fine-tune the pretrained model with LoRA on the instruction tasks (chat template, loss on the
+   answers only) and show strict accuracy on the held-out tasks before → after, per task.
 Everything lands in `<out_dir>/<name>/` with a `summary.json`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import DemoConfig, ModelSection, PretrainConfig, PretrainData, Source
+from tunelab.config import DemoConfig, FinetuneConfig, ModelSection, PretrainConfig, PretrainData, SFTData, Source
 from tunelab.data.demo import fact_completion_pairs, generate_demo_data
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.models import load_model
-from tunelab.serve.generate import complete
+from tunelab.serve.generate import answer_chats, complete, load_tuned
+from tunelab.train.finetune import run_finetune
 from tunelab.train.pretrain import build_model, run_pretrain
 from tunelab.vocab.train import train_tokenizer_files
 
@@ -42,6 +46,27 @@ def recall(samples: list[dict[str, str]], key: str) -> float:
     return sum(s[key].strip().startswith(s["expected"]) for s in samples) / max(1, len(samples))
 
 
+def finetune_config(cfg: DemoConfig, run_dir: Path, base: str) -> FinetuneConfig:
+    """The fine-tuning recipe the demo runs: LoRA on the instruction tasks, loss on the answers."""
+    return FinetuneConfig(
+        name="finetune", seed=cfg.seed, out_dir=str(run_dir), model=ModelSection(base=base),
+        data=SFTData(train=[str(run_dir / "data" / "instructions" / "train.jsonl")], eval_fraction=0.05,
+                     max_len=cfg.seq_len),
+        method=cfg.method, train=cfg.finetune,
+    )
+
+
+def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int) -> dict[str, Any]:
+    """Strict accuracy (the whole reply equals the answer) of greedy replies to Alpaca records, per task."""
+    chats = [[{"role": "user", "content": r["instruction"]}] for r in records]
+    replies = answer_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens)
+    correct = [reply.strip() == r["output"].strip() for reply, r in zip(replies, records)]
+    tasks = sorted({r["task"] for r in records})
+    per_task = {t: sum(c for c, r in zip(correct, records) if r["task"] == t) / sum(r["task"] == t for r in records)
+                for t in tasks}
+    return {"accuracy": sum(correct) / max(1, len(records)), "per_task": per_task, "replies": replies}
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end; returns (and writes) its summary."""
     started = time.time()
@@ -62,9 +87,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     after = complete(trained, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.sample_tokens)
     samples = [{"prompt": p, "expected": e, "before": b, "after": a}
                for (p, e), b, a in zip(pairs, before, after)]
+
+    test_path = run_dir / "data" / "instructions" / "test.jsonl"
+    tests = [json.loads(line) for line in test_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tasks_before = task_accuracy(trained, tokenizer, tests, cfg.answer_tokens)
+    del trained
+    finetune = run_finetune(finetune_config(cfg, run_dir, pretrain["model_dir"]))
+    tuned, tuned_tokenizer, _ = load_tuned(finetune["output_dir"])
+    tasks_after = task_accuracy(tuned, tuned_tokenizer, tests, cfg.answer_tokens)
+    answers = [{"instruction": r["instruction"], "task": r["task"], "expected": r["output"], "before": b, "after": a}
+               for r, b, a in zip(tests, tasks_before.pop("replies"), tasks_after.pop("replies"))]
     summary = {"run_dir": str(run_dir), "data": manifest, "pretrain": pretrain,
                "fact_recall": {"facts": len(pairs), "before": recall(samples, "before"),
                                "after": recall(samples, "after")},
-               "samples": samples[: cfg.samples], "wall_s": round(time.time() - started, 1)}
+               "samples": samples[: cfg.samples], "finetune": finetune,
+               "task_accuracy": {"examples": len(tests), "before": tasks_before, "after": tasks_after},
+               "answers": _spread(answers, cfg.samples), "wall_s": round(time.time() - started, 1)}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _spread(answers: list[dict], n: int) -> list[dict]:
+    """Up to `n` answers, taking the tasks in turn so every task is shown."""
+    by_task: dict[str, list[dict]] = {}
+    for a in answers:
+        by_task.setdefault(a["task"], []).append(a)
+    picked = [a for group in zip(*by_task.values()) for a in group] if by_task else []
+    return picked[:n]

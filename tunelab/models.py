@@ -102,14 +102,19 @@ def generation_config_for(tokenizer) -> GenerationConfig:
 
 def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
     """Write config.json, model.safetensors, generation_config.json and the tokenizer, atomically."""
+    with atomic_dir(out_dir, marker="config.json") as tmp:
+        write_model_files(model, tokenizer, tmp)
+    return Path(out_dir)
+
+
+def write_model_files(model: PreTrainedModel, tokenizer, directory: Path) -> None:
+    """The files of an HF model directory, written into an existing (temporary) directory."""
     if model.generation_config is None or model.generation_config.eos_token_id is None:
         model.generation_config = generation_config_for(tokenizer)
-    with atomic_dir(out_dir, marker="config.json") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if not (tmp / "generation_config.json").exists():
-            model.generation_config.save_pretrained(tmp)
-    return Path(out_dir)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    if not (directory / "generation_config.json").exists():
+        model.generation_config.save_pretrained(directory)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

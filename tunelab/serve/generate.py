@@ -1,14 +1,68 @@
-"""Text generation with a Hugging Face model: greedy or sampled completions of prompts."""
+"""Text generation: load a base model (optionally with an adapter), complete prompts, answer chats, stream.
+
+Greedy when temperature is 0, else sampling with temperature and top-p. Generation stops at EOS and, for
+chats, at the template's end-of-turn token (`<|im_end|>` for ChatML). An adapter is merged into the
+weights for inference when its maths allows (exact, and as fast as the base model).
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import TextIO
+
 import torch
+from transformers import TextStreamer
+
+from tunelab.data.chat import chat_template_for, end_of_turn_ids, prompt_for_generation
+from tunelab.errors import ModelError
+from tunelab.methods import is_adapter_dir, load_adapter, read_adapter_config
+from tunelab.models import load_model, load_tokenizer
+
+
+def resolve_base(model_ref: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
+    """(base dir, adapter dir): `model_ref` may itself be an adapter directory that names its base."""
+    if adapter is None and is_adapter_dir(model_ref):
+        adapter = model_ref
+        base = read_adapter_config(adapter).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ModelError(f"{adapter}/adapter_config.json names base model {base!r}, which is not a local "
+                             f"directory here; pass the base model directory and the adapter separately "
+                             f"(--base <dir>)")
+        return Path(base), Path(adapter)
+    return Path(model_ref), Path(adapter) if adapter is not None else None
+
+
+def load_tuned(model_ref: str | Path, adapter: str | Path | None = None, merge: bool = True):
+    """(model, tokenizer, method or None): a base model, with an adapter injected (and merged) when given.
+
+    The tokenizer comes from the adapter directory when it holds one (it carries the chat template the
+    adapter was trained with), else from the base model directory.
+    """
+    base, adapter_dir = resolve_base(model_ref, adapter)
+    model = load_model(base)
+    has_own_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(adapter_dir if has_own_tokenizer else base)
+    method = None
+    if adapter_dir is not None:
+        method = load_adapter(model, adapter_dir)
+        if merge and method.mergeable:
+            method.merge()
+    model.eval()
+    return model, tokenizer, method
+
+
+def _stop_ids(tokenizer, stop_ids: list[int] | None) -> list[int]:
+    ids = list(stop_ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 @torch.no_grad()
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
-    """The continuation of each prompt (without the prompt), stopping at EOS; greedy when temperature=0.
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 32, stop_ids: list[int] | None = None) -> list[str]:
+    """The continuation of each prompt (without the prompt), stopping at EOS or a stop id; greedy at temperature 0.
 
     Prompts are batched with left padding and the KV cache, as `generate` expects for decoder-only models.
     """
@@ -17,19 +71,57 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, tem
     model.eval()
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
-    sample = temperature > 0
     outputs: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=_stop_ids(tokenizer, stop_ids), **_sampling(temperature, top_p))
             new = out[:, enc["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def _sampling(temperature: float, top_p: float) -> dict:
+    if temperature <= 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+
+
+def answer_chats(model, tokenizer, chats: list[list[dict[str, str]]], template: str | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 batch_size: int = 32) -> list[str]:
+    """The assistant's reply to each conversation, rendered with the chat template (batched)."""
+    template = template or chat_template_for(tokenizer)
+    prompts = [prompt_for_generation(m, tokenizer, template) for m in chats]
+    return [r.strip() for r in complete(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
+                                        batch_size, stop_ids=end_of_turn_ids(tokenizer, template))]
+
+
+class _Streamer(TextStreamer):
+    """Writes finished pieces of text to a stream as they are decoded."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+@torch.no_grad()
+def stream(model, tokenizer, prompt: str, stop_ids: list[int] | None = None, max_new_tokens: int = 256,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, out: TextIO = sys.stdout) -> str:
+    """Generate one continuation, writing it to `out` as it is produced; returns the text."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    torch.manual_seed(seed)
+    ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=_stop_ids(tokenizer, stop_ids), streamer=_Streamer(tokenizer, out),
+                         **_sampling(temperature, top_p))
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

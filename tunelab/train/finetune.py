@@ -1,0 +1,204 @@
+"""`tunelab finetune`: instruction / chat data → loss masks → a method (LoRA or full) → the training loop.
+
+Supports: any local HF causal LM as the base (including one written by `tunelab pretrain`); Alpaca,
+messages, ShareGPT and plain-text files (`tunelab/data/records.py`); the loss on assistant tokens only,
+the last assistant turn or everything, masks derived from the tokenizer's own chat template
+(`tunelab/data/chat.py`); LoRA or full fine-tuning (`tunelab/methods/`). Examples are shuffled once per
+epoch from the seed and padded to the longest of each micro-batch; a step's micro-batches are a pure
+function of the step number. Not here (yet): packing of short examples, resume from checkpoints.
+
+Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.json`, `summary.json` and
+`adapter/` (a PEFT LoRA adapter directory) or `model/` (a full HF model directory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunelab.config import FinetuneConfig, dump_config
+from tunelab.data.chat import Encoded, chat_template_for, encode_example
+from tunelab.data.lint import format_lint, lint_examples
+from tunelab.data.records import Example, read_examples
+from tunelab.errors import DataError
+from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
+from tunelab.methods import build_method
+from tunelab.models import count_parameters, load_model, load_tokenizer, save_model
+from tunelab.train.events import EventLog, LiveView
+from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
+
+
+@dataclass
+class SFTData:
+    """Encoded training and evaluation examples, the chat template used, and the lint report."""
+
+    train: list[Encoded]
+    eval: list[Encoded]
+    template: str
+    lint: dict[str, Any]
+
+
+def read_all(paths: list[str], fmt: str, same_role: str) -> list[Example]:
+    """Every example of every path, in order."""
+    return [ex for p in paths for ex in read_examples(p, fmt, same_role)]
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a seeded random `fraction` of the examples (at least one when there are two or more)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(np.random.default_rng(seed).permutation(len(examples))[:n_eval].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def prepare_sft_data(cfg: FinetuneConfig, tokenizer) -> SFTData:
+    """Read, split, encode and lint the data; examples without a trainable token stop the run unless allowed."""
+    d = cfg.data
+    template = chat_template_for(tokenizer, d.chat_template)
+    train_ex = read_all(d.train, d.format, d.same_role)
+    if d.eval:
+        eval_ex = read_all(d.eval, d.format, d.same_role)
+    else:
+        train_ex, eval_ex = split_examples(train_ex, d.eval_fraction, cfg.seed)
+    train_enc = [encode_example(ex, tokenizer, template, d.max_len, d.train_on) for ex in train_ex]
+    eval_enc = [encode_example(ex, tokenizer, template, d.max_len, d.train_on) for ex in eval_ex]
+    report = lint_examples(train_enc, eval_enc, train_ex, eval_ex)
+    empty = [e.where for e in train_enc if e.n_trainable == 0]
+    if empty and not d.allow_empty:
+        raise DataError(f"{len(empty)} training example(s) have no trainable token (first: {', '.join(empty[:3])}): "
+                        f"no assistant turn, or every assistant token was cut at data.max_len={d.max_len}; "
+                        f"raise data.max_len, fix the data, or set data.allow_empty=true to drop them")
+    train_enc = [e for e in train_enc if e.n_trainable > 0]
+    eval_enc = [e for e in eval_enc if e.n_trainable > 0]
+    if not train_enc:
+        raise DataError(f"{', '.join(d.train)}: no training example with a trainable token")
+    return SFTData(train_enc, eval_enc, template, report)
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: pad id in the inputs, -100 in the labels, 0 in the attention mask."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def sample_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """The seeded permutation of the `n` training examples for `epoch` (a pure function: resumable)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_batches_fn(examples: list[Encoded], micro_batch_size: int, grad_accum: int, seed: int, pad_id: int):
+    """`step -> micro-batches`: sample k of the run is example `sample_order(n, k // n)[k % n]`."""
+    n = len(examples)
+
+    def step_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for m in range(grad_accum):
+            lo = (step * grad_accum + m) * micro_batch_size
+            picked = [examples[sample_order(n, k // n, seed)[k % n]] for k in range(lo, lo + micro_batch_size)]
+            out.append(collate(picked, pad_id))
+        return out
+    return step_batches
+
+
+@torch.no_grad()
+def example_loss(model: torch.nn.Module, examples: list[Encoded], micro_batch_size: int, max_batches: int,
+                 pad_id: int, precision: str = "auto") -> dict[str, float]:
+    """Token-weighted mean loss (and perplexity) over the trainable tokens of up to `max_batches` micro-batches."""
+    examples = examples[: micro_batch_size * max_batches]
+    if not examples:
+        return {}
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(precision, device)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + micro_batch_size], pad_id).items()}
+        total += forward_loss_sum(model, batch, dtype).item()
+        count += count_loss_tokens(batch)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def resolve_steps(cfg: FinetuneConfig, n_examples: int) -> int:
+    """`train.steps`, or enough steps for `train.epochs` passes over the training examples."""
+    t = cfg.train
+    if t.epochs is None:
+        return t.steps
+    return max(1, math.ceil(t.epochs * n_examples / (t.micro_batch_size * t.grad_accum)))
+
+
+def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None) -> dict[str, Any]:
+    """Run a whole fine-tuning job; returns (and writes) its summary."""
+    run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.base)
+    model = load_model(cfg.model.base)
+    data = prepare_sft_data(cfg, tokenizer)
+    steps = resolve_steps(cfg, len(data.train))
+    t = cfg.train.model_copy(update={"steps": steps})
+    torch.manual_seed(cfg.seed)  # the adapter's initialisation, dropout
+    method = build_method(cfg.method)
+    method.inject(model)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    atomic_write_json(run_dir / "config.json", dump_config(cfg))
+    atomic_write_json(run_dir / "lint.json", data.lint)
+
+    view = view or LiveView(steps, t.log_every)
+    n_total, n_train = count_parameters(model), method.num_parameters()
+    view.note(f"model: {cfg.model.base}, {n_total / 1e6:.2f}M parameters; method {cfg.method.name}: "
+              f"{n_train:,} trainable ({n_train / n_total:.3%})")
+    for line in format_lint(data.lint):
+        view.note(line)
+    view.note(f"{steps} steps x {t.micro_batch_size * t.grad_accum} examples "
+              f"({steps * t.micro_batch_size * t.grad_accum / len(data.train):.2f} epochs of {len(data.train)})")
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate() -> dict[str, float]:
+        return example_loss(model, data.eval, t.micro_batch_size, t.eval_batches, pad_id, t.precision)
+
+    has_eval = bool(data.eval)
+    clear_outputs(run_dir, ["summary.json", "model", "adapter"])
+    with EventLog(run_dir / "events.jsonl") as events:
+        events.write("start", config=dump_config(cfg), parameters=n_total, trainable_parameters=n_train,
+                     steps=steps, lint=data.lint)
+        before = evaluate() if has_eval else {}
+        if has_eval:
+            events.write("eval", step=0, **before)
+        started = time.time()
+        result = train(model, method.trainable_parameters(),
+                       step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
+                       evaluate if has_eval else None, view)
+        after = result.evals[-1] if result.evals else {}
+        tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
+        if cfg.method.name == "full":
+            out = save_model(model, tokenizer, run_dir / "model")
+        else:
+            out = method.save(run_dir / "adapter", base_model_path=str(Path(cfg.model.base).resolve()),
+                              tokenizer=tokenizer)
+        summary = {
+            "run_dir": str(run_dir), "method": cfg.method.name, "output_dir": str(out),
+            "base": cfg.model.base, "parameters": n_total, "trainable_parameters": n_train,
+            "steps": steps, "examples": len(data.train), "eval_examples": len(data.eval),
+            "train_loss_first": result.losses[0], "train_loss_last": result.losses[-1],
+            "eval_before": before, "eval_after": {k: v for k, v in after.items() if k != "step"},
+            "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
+            "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
+            "peak_memory_mb": round(result.peak_memory_mb, 1),
+        }
+        events.write("end", **summary)
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
