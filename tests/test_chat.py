@@ -127,9 +127,10 @@ def test_llama3_template_trims_and_writes_bos_once(llama_tok):
 def test_plain_template_ends_turns_with_eos(plain_tok):
     assert chat_template_for(plain_tok) == PLAIN_TEMPLATE
     enc = encode_example(chat(CHAT), plain_tok, PLAIN_TEMPLATE, max_len=512)
-    assert trained(enc, plain_tok) == "a1<|endoftext|>a2 copper<|endoftext|>a3.<|endoftext|>"
+    # the space between "### Assistant:" (where the generation prompt ends) and the answer is trained too
+    assert trained(enc, plain_tok) == " a1<|endoftext|> a2 copper<|endoftext|> a3.<|endoftext|>"
     text = plain_tok.decode(enc.input_ids)
-    assert text.startswith("### System:\nbe brief\n\n### User:\nriver stone\n\n### Assistant:\na1<|endoftext|>")
+    assert text.startswith("### System:\nbe brief\n\n### User:\nriver stone\n\n### Assistant: a1<|endoftext|>")
     assert end_of_turn_ids(plain_tok, PLAIN_TEMPLATE) == [plain_tok.eos_token_id]
 
 

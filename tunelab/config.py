@@ -123,7 +123,7 @@ class SFTData(Section):
     max_len: int = Field(1024, ge=8)  # longer examples are cut at the end (see tunelab/data/chat.py)
     same_role: Literal["merge", "error"] = "merge"  # two consecutive turns of one role
     allow_empty: bool = False  # drop examples with no trainable token instead of stopping
-    chat_template: str | None = None  # a .jinja file; default: the tokenizer's own, else built-in
+    chat_template: str | None = None  # "chatml", "plain" or a .jinja file; default: the tokenizer's own
 
 
 class FinetuneTrain(TrainSection):

@@ -1,6 +1,7 @@
 """Chat templates and loss masks: an `Example` → token ids and labels (-100 where there is no loss).
 
-One template renders training data and generation prompts alike: a `.jinja` file if given, else the
+One template renders training data and generation prompts alike: the built-in "chatml" or "plain" when
+named, a `.jinja` file if given, else the
 tokenizer's own `chat_template`, else the built-in ChatML `DEFAULT_TEMPLATE` (tokenizers with
 `<|im_start|>` / `<|im_end|>`), else `PLAIN_TEMPLATE` (`### User:` / `### Assistant:`, EOS ends a turn).
 
@@ -8,7 +9,8 @@ Masks come from the template itself, by rendering prefixes, so any template work
 `{% generation %}` markers: the conversation is rendered once and tokenized once with character offsets.
 For assistant turn i, the content starts where `messages[:i]` rendered with the generation prompt ends,
 and the turn ends where `messages[:i+1]` rendered ends. The trained tokens are those overlapping the
-content plus the first token at or after its end that still belongs to the turn: the end-of-turn token
+content (with any whitespace between the generation prompt and the content, as in "Assistant: " +
+content, since the model must generate it) plus the first token at or after its end that still belongs to the turn: the end-of-turn token
 (`<|im_end|>`, `<|eot_id|>`, EOS), so the model learns to stop. Role headers, system and user turns and
 the separators after the end-of-turn token are never trained. A template that does not render prefixes
 consistently (the content does not follow the generation prompt) is an error naming the turn.
@@ -46,15 +48,19 @@ DEFAULT_TEMPLATE = (
 )
 
 # For tokenizers without chat tokens (base models): markdown-style headers, EOS ends an assistant turn.
+# The answer follows "### Assistant:" after a space, as words do in running text, so the first token of an
+# answer is the one a base model knows (" west", not "west"); the generation prompt ends before that space.
 PLAIN_TEMPLATE = (
     "{% if bos_token is defined and bos_token and bos_token != eos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ '### System:\\n' + message['content'] + '\\n\\n' }}"
     "{% elif message['role'] == 'user' %}{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
-    "{% else %}{{ '### Assistant:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
+    "{% else %}{{ '### Assistant: ' + message['content'] + eos_token + '\\n\\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
 )
+
+BUILT_IN = {"chatml": DEFAULT_TEMPLATE, "plain": PLAIN_TEMPLATE}
 
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
@@ -72,7 +78,9 @@ class Encoded:
 
 
 def chat_template_for(tokenizer, path: str | None = None) -> str:
-    """The template to use: the `.jinja` file at `path`, else the tokenizer's, else DEFAULT or PLAIN."""
+    """The template to use: "chatml" / "plain" (built-in), a `.jinja` file, else the tokenizer's, else built-in."""
+    if path in BUILT_IN:
+        return BUILT_IN[path]
     if path:
         p = Path(path)
         if not p.is_file():
@@ -162,17 +170,19 @@ def _assistant_spans(messages: list[dict[str, str]], tokenizer, template: str, f
         if not full.startswith(prefix):
             raise _inconsistent(tokenizer, template, where, i, "the conversation before it, rendered with the "
                                 "generation prompt, is not a prefix of the whole conversation")
-        a, content = len(prefix), m["content"]
-        shown = next((c for c in (content, content.strip(), content.rstrip(), content.lstrip())
-                      if full.startswith(c, a)), None)
-        if shown is None:
+        content, a = m["content"], len(prefix)
+        gap = len(full) - a - len(full[a:].lstrip())  # a template may write "Assistant: " + content
+        found = [(start, c) for start in dict.fromkeys((a, a + gap))
+                 for c in (content, content.strip(), content.rstrip(), content.lstrip()) if full.startswith(c, start)]
+        if not found:
             raise _inconsistent(tokenizer, template, where, i, "its content does not follow the generation prompt")
+        start, shown = found[0]  # train from `a`: the model must also generate any gap before the content
         turn = _render_at(messages[:i + 1], tokenizer, template, False, where)
         b = len(turn) if full.startswith(turn) else _common_prefix_len(full, turn)
-        if b < a + len(shown):
+        if b < start + len(shown):
             raise _inconsistent(tokenizer, template, where, i, "the conversation up to it, rendered alone, "
                                 "differs from the whole conversation inside its content")
-        spans.append((a, a + len(shown), b))
+        spans.append((a, start + len(shown), b))
     return spans
 
 
