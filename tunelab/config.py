@@ -172,8 +172,8 @@ class DemoConfig(Section):
                                        eval_every=200, eval_batches=8, log_every=20)
     # then: supervised fine-tuning of the pretrained model on the instruction tasks
     method: MethodSection = MethodSection(r=16, alpha=32, dropout=0.0)
-    finetune: FinetuneTrain = FinetuneTrain(steps=300, micro_batch_size=16, lr=3e-3, warmup_steps=10,
-                                            eval_every=100, eval_batches=4, log_every=20)
+    finetune: FinetuneTrain = FinetuneTrain(steps=800, micro_batch_size=16, lr=3e-3, warmup_steps=20,
+                                            eval_every=200, eval_batches=4, log_every=20)
     answer_tokens: int = Field(12, ge=1)  # tokens generated per held-out instruction
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import DemoConfig, FinetuneConfig, ModelSection, PretrainConfig, PretrainData, SFTData, Source
+from tunelab.data.chat import chat_template_for
 from tunelab.data.demo import fact_completion_pairs, generate_demo_data
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.models import load_model
@@ -50,16 +51,18 @@ def finetune_config(cfg: DemoConfig, run_dir: Path, base: str) -> FinetuneConfig
     """The fine-tuning recipe the demo runs: LoRA on the instruction tasks, loss on the answers."""
     return FinetuneConfig(
         name="finetune", seed=cfg.seed, out_dir=str(run_dir), model=ModelSection(base=base),
+        # The plain template ends an answer with EOS, a token the pretrained model knows; ChatML's
+        # <|im_start|>/<|im_end|> never occur in the demo corpus, and LoRA leaves their embeddings untrained.
         data=SFTData(train=[str(run_dir / "data" / "instructions" / "train.jsonl")], eval_fraction=0.05,
-                     max_len=cfg.seq_len),
+                     max_len=256, chat_template="plain"),
         method=cfg.method, train=cfg.finetune,
     )
 
 
-def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int) -> dict[str, Any]:
+def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, template: str) -> dict[str, Any]:
     """Strict accuracy (the whole reply equals the answer) of greedy replies to Alpaca records, per task."""
     chats = [[{"role": "user", "content": r["instruction"]}] for r in records]
-    replies = answer_chats(model, tokenizer, chats, max_new_tokens=max_new_tokens)
+    replies = answer_chats(model, tokenizer, chats, template, max_new_tokens=max_new_tokens)
     correct = [reply.strip() == r["output"].strip() for reply, r in zip(replies, records)]
     tasks = sorted({r["task"] for r in records})
     per_task = {t: sum(c for c, r in zip(correct, records) if r["task"] == t) / sum(r["task"] == t for r in records)
@@ -90,11 +93,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     test_path = run_dir / "data" / "instructions" / "test.jsonl"
     tests = [json.loads(line) for line in test_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    tasks_before = task_accuracy(trained, tokenizer, tests, cfg.answer_tokens)
+    fcfg = finetune_config(cfg, run_dir, pretrain["model_dir"])
+    template = chat_template_for(tokenizer, fcfg.data.chat_template)
+    tasks_before = task_accuracy(trained, tokenizer, tests, cfg.answer_tokens, template)
     del trained
-    finetune = run_finetune(finetune_config(cfg, run_dir, pretrain["model_dir"]))
-    tuned, tuned_tokenizer, _ = load_tuned(finetune["output_dir"])
-    tasks_after = task_accuracy(tuned, tuned_tokenizer, tests, cfg.answer_tokens)
+    finetune = run_finetune(fcfg)
+    tuned, tuned_tokenizer, _ = load_tuned(finetune["output_dir"])  # its tokenizer carries the template
+    tasks_after = task_accuracy(tuned, tuned_tokenizer, tests, cfg.answer_tokens, template)
     answers = [{"instruction": r["instruction"], "task": r["task"], "expected": r["output"], "before": b, "after": a}
                for r, b, a in zip(tests, tasks_before.pop("replies"), tasks_after.pop("replies"))]
     summary = {"run_dir": str(run_dir), "data": manifest, "pretrain": pretrain,

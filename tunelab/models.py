@@ -108,12 +108,14 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
 
 
 def write_model_files(model: PreTrainedModel, tokenizer, directory: Path) -> None:
-    """The files of an HF model directory, written into an existing (temporary) directory."""
-    if model.generation_config is None or model.generation_config.eos_token_id is None:
+    """The files of an HF model directory (and its tokenizer's, when given) written into an existing directory."""
+    gen = model.generation_config
+    if tokenizer is not None and (gen is None or gen.eos_token_id is None):
         model.generation_config = generation_config_for(tokenizer)
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    if not (directory / "generation_config.json").exists():
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if model.generation_config is not None and not (directory / "generation_config.json").exists():
         model.generation_config.save_pretrained(directory)
 
 

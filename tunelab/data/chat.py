@@ -1,19 +1,20 @@
 """Chat templates and loss masks: an `Example` → token ids and labels (-100 where there is no loss).
 
 One template renders training data and generation prompts alike: the built-in "chatml" or "plain" when
-named, a `.jinja` file if given, else the
-tokenizer's own `chat_template`, else the built-in ChatML `DEFAULT_TEMPLATE` (tokenizers with
-`<|im_start|>` / `<|im_end|>`), else `PLAIN_TEMPLATE` (`### User:` / `### Assistant:`, EOS ends a turn).
+named, a `.jinja` file if given, else the tokenizer's own `chat_template`, else the built-in ChatML
+`DEFAULT_TEMPLATE` (tokenizers with `<|im_start|>` / `<|im_end|>`), else `PLAIN_TEMPLATE`
+(`### User:` / `### Assistant:`, EOS ends a turn).
 
 Masks come from the template itself, by rendering prefixes, so any template works without
 `{% generation %}` markers: the conversation is rendered once and tokenized once with character offsets.
 For assistant turn i, the content starts where `messages[:i]` rendered with the generation prompt ends,
 and the turn ends where `messages[:i+1]` rendered ends. The trained tokens are those overlapping the
 content (with any whitespace between the generation prompt and the content, as in "Assistant: " +
-content, since the model must generate it) plus the first token at or after its end that still belongs to the turn: the end-of-turn token
-(`<|im_end|>`, `<|eot_id|>`, EOS), so the model learns to stop. Role headers, system and user turns and
-the separators after the end-of-turn token are never trained. A template that does not render prefixes
-consistently (the content does not follow the generation prompt) is an error naming the turn.
+content, since the model must generate it) plus the first token at or after its end that still belongs
+to the turn: the end-of-turn token (`<|im_end|>`, `<|eot_id|>`, EOS), so the model learns to stop. Role
+headers, system and user turns and the separators after the end-of-turn token are never trained. A
+template that does not render prefixes consistently (the content does not follow the generation
+prompt) is an error naming the turn.
 
 `train_on`: "assistant" (every assistant turn), "last" (the last assistant turn only), "all" (every
 token). Plain-text examples are the text followed by EOS, all trained.

@@ -7,7 +7,7 @@ state the same facts. All text is written by the templates below; nothing comes 
 
 `generate_demo_data(out_dir, seed, scale)` writes (sizes at scale 1.0; they scale linearly):
   pretrain/world_en.jsonl, world_zh.jsonl  {"text"} docs of 2-8 sentences, ~1.2 MB and ~0.4 MB of text
-  instructions/train.jsonl, test.jsonl     Alpaca records with one short answer, ~3000 and ~300
+  instructions/train.jsonl, test.jsonl     Alpaca records with one short answer, ~1800 and ~200
   choice/{dev,test}/<subject>.csv          CMMLU/C-Eval layout, 5 dev and ~80 test questions per subject
   manifest.json                            seed, scale, and per-file record / character / byte counts
 The same seed and scale give byte-identical files; the directory appears atomically when complete.
@@ -28,7 +28,7 @@ from tunelab.errors import DataError
 from tunelab.io import atomic_dir
 
 EN_BYTES, ZH_BYTES = 1_200_000, 400_000  # pretraining text per language at scale 1.0
-N_TRAIN, N_TEST, N_CHOICE_TEST = 3000, 300, 80  # records at scale 1.0
+N_TRAIN, N_TEST, N_CHOICE_TEST = 1800, 200, 80  # records at scale 1.0
 MAX_SCALE = 10.0  # beyond this the instruction pools run out of distinct questions
 N_PEOPLE, N_TOWNS, N_RIVERS = 16, 8, 5
 AGES = range(20, 70)
@@ -380,12 +380,27 @@ def _arithmetic_task(rng: random.Random) -> dict:
     return _record(question, str(answer), "arithmetic", lang)
 
 
+def _small_arithmetic_tasks() -> list[dict]:
+    """Every one-digit sum, difference (never negative) and product, each asked four ways in each language."""
+    sums = [(a, "+", b, a + b) for a in range(10) for b in range(10)]
+    differences = [(a, "-", b, a - b) for a in range(10) for b in range(a + 1)]
+    products = [(a, "×", b, a * b) for a in range(2, 10) for b in range(2, 10)]
+    return [r for a, op, b, answer in sums + differences + products for lang in ("en", "zh") for q in ARITHMETIC[lang]
+            for r in _with_variants(q.format(a=a, op=op, b=b), str(answer), "arithmetic", lang)]
+
+
 def _instructions(world: World, n_total: int, rng: random.Random) -> list[dict]:
-    """`n_total` distinct records: ~40% fact, ~25% string, the rest arithmetic, shuffled."""
-    facts, strings = _fact_tasks(world), _string_tasks()
-    rng.shuffle(facts)
-    rng.shuffle(strings)
-    records = facts[: round(0.4 * n_total)] + strings[: round(0.25 * n_total)]
+    """`n_total` distinct records, shuffled: ~60% fact, ~15% string, ~25% one-digit arithmetic.
+
+    The mix is what the tiny demo model can learn in a minute of fine-tuning: questions about facts it
+    read in pretraining, and a small arithmetic table. Beyond these pools (large scales), records are
+    arithmetic on two-digit numbers.
+    """
+    facts, strings, small = _fact_tasks(world), _string_tasks(), _small_arithmetic_tasks()
+    for pool in (facts, strings, small):
+        rng.shuffle(pool)
+    records = facts[: round(0.6 * n_total)] + strings[: round(0.15 * n_total)]
+    records += small[: n_total - len(records)]
     seen = {(r["instruction"], r["input"]) for r in records}
     while len(records) < n_total:
         record = _arithmetic_task(rng)

@@ -2,7 +2,7 @@
 
 There is nothing to fold back: the trained weights already are the model. So `mergeable` is True, `merge()` and
 `unmerge()` are no-ops (the model is always "merged"), and `unload()` returns the model itself. `save()` writes a
-standard HF model directory; the fine-tuning stage may equally save the model with `tunelab.models.save_model`.
+standard HF model directory (`tunelab.models.save_model`).
 Supported: any `nn.Module`; `freeze_embeddings` needs a HF model (`get_input_embeddings`). A tied output head
 shares the embedding weight, so it is frozen with it; an untied head keeps training.
 """
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import ModelError
-from tunelab.io import atomic_dir
 from tunelab.methods.base import Method
+from tunelab.models import save_model
 
 
 class Full(Method):
@@ -80,11 +80,7 @@ class Full(Method):
         model = self._require_model()
         if not hasattr(model, "save_pretrained"):
             raise ModelError(f"{type(model).__name__} is not a Hugging Face model; save its state_dict() instead")
-        with atomic_dir(out_dir, marker="config.json") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        return Path(out_dir)
+        return save_model(model, tokenizer, out_dir)
 
     def _require_model(self) -> nn.Module:
         if self.model is None:

@@ -29,7 +29,7 @@ from tunelab.data.records import Example, read_examples
 from tunelab.errors import DataError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import build_method
-from tunelab.models import count_parameters, load_model, load_tokenizer, save_model
+from tunelab.models import count_parameters, load_model, load_tokenizer
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
@@ -184,11 +184,8 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
                        evaluate if has_eval else None, view)
         after = result.evals[-1] if result.evals else {}
         tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
-        if cfg.method.name == "full":
-            out = save_model(model, tokenizer, run_dir / "model")
-        else:
-            out = method.save(run_dir / "adapter", base_model_path=str(Path(cfg.model.base).resolve()),
-                              tokenizer=tokenizer)
+        out = method.save(run_dir / ("model" if cfg.method.name == "full" else "adapter"),
+                          base_model_path=str(Path(cfg.model.base).resolve()), tokenizer=tokenizer)
         summary = {
             "run_dir": str(run_dir), "method": cfg.method.name, "output_dir": str(out),
             "base": cfg.model.base, "parameters": n_total, "trainable_parameters": n_train,
