@@ -17,11 +17,12 @@ from transformers import TextStreamer
 from tunelab.data.chat import chat_template_for, end_of_turn_ids, prompt_for_generation
 from tunelab.errors import ModelError
 from tunelab.methods import is_adapter_dir, load_adapter, read_adapter_config
-from tunelab.models import load_model, load_tokenizer
+from tunelab.models import load_model, load_tokenizer, require_local_dir
 
 
 def resolve_base(model_ref: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
     """(base dir, adapter dir): `model_ref` may itself be an adapter directory that names its base."""
+    require_local_dir(model_ref, "model or adapter")
     if adapter is None and is_adapter_dir(model_ref):
         adapter = model_ref
         base = read_adapter_config(adapter).get("base_model_name_or_path")
