@@ -23,10 +23,23 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from tunelab.config import PretrainConfig, load_config
     from tunelab.train.pretrain import run_pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_config(PretrainConfig, args.config, args.overrides + _resume_overrides(args))
     summary = run_pretrain(cfg)
     show_pretrain_summary(summary)
     return 0
+
+
+def _resume_overrides(args: argparse.Namespace) -> list[str]:
+    """`--resume` / `--force-resume` as the recipe keys they stand for."""
+    return (["train.resume=true"] if args.resume or args.force_resume else []) + (
+        ["train.resume_force=true"] if args.force_resume else [])
+
+
+def _add_resume_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's last checkpoint (train.resume=true; auto: only if one exists)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even though the recipe or the data changed since the checkpoint")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -77,7 +90,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from tunelab.config import FinetuneConfig, load_config
     from tunelab.train.finetune import run_finetune
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides + _resume_overrides(args))
     summary = run_finetune(cfg)
     show_finetune_summary(summary)
     return 0
@@ -242,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a preset from scratch or continue pretraining a local model")
     p.add_argument("config", help="YAML recipe, e.g. examples/pretrain_text.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.seq_len=512")
+    _add_resume_flags(p)
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("demo", help="the whole lifecycle on generated demo data (minutes on a laptop CPU)")
@@ -252,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a local model on instruction or chat data (LoRA or full)")
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. examples/finetune_chat.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.r=16 data.train=[chat.jsonl]")
+    _add_resume_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("export", help="merge an adapter into its base: a standard HF model directory")

@@ -84,6 +84,10 @@ class TrainSection(Section):
     eval_every: int = Field(100, ge=0)  # 0: evaluate only before and after
     eval_batches: int = Field(20, ge=1)  # cap on evaluation micro-batches
     log_every: int = Field(10, ge=1)
+    save_every: int = Field(0, ge=0)  # checkpoint every N steps (and at the end); 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)  # the last k complete checkpoints are kept
+    resume: bool | Literal["auto"] = False  # true: continue from the last checkpoint; auto: if there is one
+    resume_force: bool = False  # resume even when the recipe or the data changed since the checkpoint
 
 
 class PretrainConfig(Section):
@@ -178,6 +182,97 @@ class DemoConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# `tunelab eval`: a suite of tasks, each a section with a `type` (see tunelab/evaluate/)
+
+
+class PerplexityTask(Section):
+    """Perplexity and bits per byte of text files (.txt/.jsonl/.json), HF sliding window."""
+
+    type: Literal["perplexity"]
+    name: str | None = None  # default: the type, numbered when repeated
+    path: str  # a file, a directory or a glob
+    text_key: str = "text"
+    max_length: int | None = Field(None, ge=2)  # window in tokens; default: the model's context
+    stride: int | None = Field(None, ge=1)  # default: max_length // 2; max_length = disjoint windows
+    batch_size: int = Field(4, ge=1)
+
+
+class ChoiceTask(Section):
+    """Multiple choice, k-shot: CMMLU/C-Eval or MMLU CSV folders (dev/, test/) or JSONL."""
+
+    type: Literal["choice"]
+    name: str | None = None
+    path: str  # a directory with <split>/ and <fewshot_split>/ folders of one file per subject, or one file
+    split: str = "test"
+    fewshot_split: str = "dev"
+    k: int = Field(5, ge=0)  # few-shot examples from the fewshot split (fewer when a prompt does not fit)
+    subjects: list[str] = []  # empty: every subject
+    limit: int | None = Field(None, ge=1)  # at most this many questions per subject
+    prompt: Literal["ceval", "mmlu"] = "ceval"  # Chinese header and 答案： / English header and Answer:
+    subject_names: dict[str, str] = {}  # display names in the header (default: the file name, _ as space)
+    chat_template: str | None = None  # wrap each prompt as a user turn: "chatml", "plain", a .jinja file, "auto"
+    max_length: int | None = Field(None, ge=8)  # context in tokens; default: the model's
+    batch_size: int = Field(8, ge=1)
+
+
+class GenerationTask(Section):
+    """Greedy generation and answer extraction: strict accuracy on JSONL prompts with references."""
+
+    type: Literal["generation"]
+    name: str | None = None
+    path: str  # .jsonl/.json: {instruction, input?, output} | {question|prompt, answer} | {messages}
+    extract: Literal["exact", "regex", "numeric"] = "exact"
+    pattern: str | None = None  # regex mode: the first group (or the whole match) is the answer
+    tolerance: float = Field(1e-6, ge=0)  # numeric mode: |reply - reference| <= tolerance
+    group_by: str = "task"  # per-group accuracy by this record key, when records have it
+    chat_template: str | None = "auto"  # "auto" (the tokenizer's), "chatml", "plain", a .jinja file; null: raw
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+
+class JudgeTask(Section):
+    """LLM-as-judge: pairwise (each model against the first, order swapped) or single 1-10 grading."""
+
+    type: Literal["judge"]
+    name: str | None = None
+    path: str  # prompts, in any format the generation task reads (references are not used)
+    mode: Literal["pairwise", "single"] = "pairwise"
+    judge: str | None = None  # a local model (or adapter) directory
+    judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    judge_model: str = "judge"  # the model name sent to the endpoint
+    api_key_env: str | None = None  # name of an environment variable holding the endpoint's key
+    timeout: float = Field(120.0, gt=0)  # seconds per judge request
+    judge_max_tokens: int = Field(256, ge=1)
+    chat_template: str | None = "auto"  # for the evaluated models' answers
+    max_new_tokens: int = Field(128, ge=1)  # answer length
+    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgeTask:
+        if (self.judge is None) == (self.judge_url is None):
+            raise ValueError("a judge task needs exactly one of judge (a local model directory) or judge_url "
+                             "(an OpenAI-compatible endpoint, also --judge-url)")
+        return self
+
+
+EvalTask = Annotated[PerplexityTask | ChoiceTask | GenerationTask | JudgeTask, Field(discriminator="type")]
+TASK_TYPES = {"perplexity": PerplexityTask, "choice": ChoiceTask, "generation": GenerationTask, "judge": JudgeTask}
+
+
+class EvalConfig(Section):
+    """`tunelab eval`: run a suite of tasks on one or more models; results.json and report.html."""
+
+    name: RunName = "eval"
+    seed: int = Field(0, ge=0)
+    out_dir: str = "runs"  # writes <out_dir>/<name>/results.json, report.html, events.jsonl
+    models: list[str] = []  # "dir" or "label=dir"; a dir may be an adapter; --models overrides
+    precision: Precision = "auto"  # auto: bf16 on a GPU that supports it, fp32 on CPU
+    tasks: list[EvalTask] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # loading, overrides, error messages
 
 
@@ -265,8 +360,13 @@ def _closest(key: str, valid: list[str]) -> str | None:
 
 
 def _describe(cls: type[BaseModel], err: dict[str, Any]) -> str:
-    loc = [str(x) for x in err["loc"]]
+    raw_loc = err["loc"]  # pydantic puts a task's type after its list index: tasks.0.choice.k
+    loc = [str(x) for i, x in enumerate(raw_loc) if not (i and isinstance(raw_loc[i - 1], int) and x in TASK_TYPES)]
     key = ".".join(loc) or "(top level)"
+    if err["type"] in {"union_tag_invalid", "union_tag_not_found"}:
+        ctx = err.get("ctx", {})
+        got = f"unknown type {ctx['tag']!r}" if "tag" in ctx else "no 'type' key"
+        return f"{key}: {got}; set type to one of {', '.join(TASK_TYPES)}"
     if err["type"] == "extra_forbidden":
         valid = _fields_at(cls, err["loc"][:-1])
         close = _closest(loc[-1], valid)
@@ -287,6 +387,9 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     model: Any = cls
     for part in loc:
         if isinstance(part, int) or model is None:
+            continue
+        if part in TASK_TYPES and part not in model.model_fields:  # the tag of a discriminated task
+            model = TASK_TYPES[part]
             continue
         field = model.model_fields.get(part)
         model = _section_type(field.annotation) if field else None

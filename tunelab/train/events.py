@@ -42,8 +42,8 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
 class LiveView:
     """A progress bar on a terminal; on a pipe or file, one plain line every `log_every` steps."""
 
-    def __init__(self, total: int, log_every: int, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+    def __init__(self, total: int, log_every: int, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=True, quiet=quiet)  # quiet: the other processes of torchrun
         self.total, self.log_every = total, log_every
         self.bar: Progress | None = None
         if self.console.is_terminal:

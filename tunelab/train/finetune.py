@@ -14,6 +14,7 @@ Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.js
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,9 @@ from tunelab.errors import DataError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import build_method
 from tunelab.models import count_parameters, load_model, load_tokenizer
-from tunelab.train.events import EventLog, LiveView
+from tunelab.train.checkpoint import checkpoint_callback, fingerprint, prepare_resume
+from tunelab.train.distributed import broadcast_parameters, cleanup, init_distributed
+from tunelab.train.events import EventLog, LiveView, read_events
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
 
@@ -143,7 +146,8 @@ def resolve_steps(cfg: FinetuneConfig, n_examples: int) -> int:
 
 
 def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None) -> dict[str, Any]:
-    """Run a whole fine-tuning job; returns (and writes) its summary."""
+    """Run (or resume) a whole fine-tuning job; returns (and writes) its summary."""
+    dist = init_distributed()
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.base)
     model = load_model(cfg.model.base)
@@ -153,49 +157,70 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
     torch.manual_seed(cfg.seed)  # the adapter's initialisation, dropout
     method = build_method(cfg.method)
     method.inject(model)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    atomic_write_json(run_dir / "config.json", dump_config(cfg))
-    atomic_write_json(run_dir / "lint.json", data.lint)
-
-    view = view or LiveView(steps, t.log_every)
+    model.to(device or dist.device)
+    config = dump_config(cfg)
+    resume, saver = prepare_resume(run_dir, t, config, fingerprint(cfg.data.train + cfg.data.eval), method,
+                                   dist.rank, dist.world_size)
+    broadcast_parameters(method.trainable_parameters(), dist)
+    view = view or LiveView(steps, t.log_every, quiet=not dist.is_main)
     n_total, n_train = count_parameters(model), method.num_parameters()
     view.note(f"model: {cfg.model.base}, {n_total / 1e6:.2f}M parameters; method {cfg.method.name}: "
               f"{n_train:,} trainable ({n_train / n_total:.3%})")
     for line in format_lint(data.lint):
         view.note(line)
     view.note(f"{steps} steps x {t.micro_batch_size * t.grad_accum} examples "
-              f"({steps * t.micro_batch_size * t.grad_accum / len(data.train):.2f} epochs of {len(data.train)})")
+              f"({steps * t.micro_batch_size * t.grad_accum / len(data.train):.2f} epochs of {len(data.train)})"
+              + (f" on {dist.world_size} processes" if dist.world_size > 1 else ""))
+    if resume is not None:
+        view.note(f"resuming from {resume.path} (step {resume.step} of {steps})")
     pad_id = tokenizer.pad_token_id
 
     def evaluate() -> dict[str, float]:
         return example_loss(model, data.eval, t.micro_batch_size, t.eval_batches, pad_id, t.precision)
 
     has_eval = bool(data.eval)
-    clear_outputs(run_dir, ["summary.json", "model", "adapter"])
-    with EventLog(run_dir / "events.jsonl") as events:
-        events.write("start", config=dump_config(cfg), parameters=n_total, trainable_parameters=n_train,
-                     steps=steps, lint=data.lint)
-        before = evaluate() if has_eval else {}
-        if has_eval:
-            events.write("eval", step=0, **before)
+    if dist.is_main:
+        atomic_write_json(run_dir / "config.json", config)
+        atomic_write_json(run_dir / "lint.json", data.lint)
+        clear_outputs(run_dir, ["summary.json", "model", "adapter"])
+    with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
+        if resume is None:
+            events.write("start", config=config, parameters=n_total, trainable_parameters=n_train, steps=steps,
+                         lint=data.lint, world_size=dist.world_size)
+            before = evaluate() if has_eval else {}
+            if has_eval:
+                events.write("eval", step=0, **before)
+        else:
+            events.write("resume", step=resume.step, checkpoint=str(resume.path), world_size=dist.world_size)
+            before = next((e for e in read_events(run_dir / "events.jsonl") if e["event"] == "eval"
+                           and e["step"] == 0), {}) if dist.is_main else {}
         started = time.time()
         result = train(model, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
-                       evaluate if has_eval else None, view)
+                       evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps), resume,
+                       method.on_step, dist)
         after = result.evals[-1] if result.evals else {}
-        tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
-        out = method.save(run_dir / ("model" if cfg.method.name == "full" else "adapter"),
-                          base_model_path=str(Path(cfg.model.base).resolve()), tokenizer=tokenizer)
         summary = {
-            "run_dir": str(run_dir), "method": cfg.method.name, "output_dir": str(out),
+            "run_dir": str(run_dir), "method": cfg.method.name,
+            "output_dir": str(run_dir / ("model" if cfg.method.name == "full" else "adapter")),
             "base": cfg.model.base, "parameters": n_total, "trainable_parameters": n_train,
             "steps": steps, "examples": len(data.train), "eval_examples": len(data.eval),
             "train_loss_first": result.losses[0], "train_loss_last": result.losses[-1],
-            "eval_before": before, "eval_after": {k: v for k, v in after.items() if k != "step"},
+            "eval_before": _metrics(before), "eval_after": _metrics(after),
             "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
             "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
-            "peak_memory_mb": round(result.peak_memory_mb, 1),
+            "peak_memory_mb": round(result.peak_memory_mb, 1), "resumed_from_step": resume.step if resume else None,
         }
-        events.write("end", **summary)
-    atomic_write_json(run_dir / "summary.json", summary)
+        if dist.is_main:
+            tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
+            method.save(summary["output_dir"], base_model_path=str(Path(cfg.model.base).resolve()),
+                        tokenizer=tokenizer)
+            events.write("end", **summary)
+    if dist.is_main:
+        atomic_write_json(run_dir / "summary.json", summary)
+    cleanup(dist)
     return summary
+
+
+def _metrics(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("step", "event", "time")}

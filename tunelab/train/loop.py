@@ -26,9 +26,12 @@ import torch.nn.functional as F
 
 from tunelab.config import TrainSection
 from tunelab.errors import TunelabError
+from tunelab.train.checkpoint import Resume, set_rng_state
+from tunelab.train.distributed import Dist, shard_rows, sum_across, sum_gradients
 from tunelab.train.events import EventLog, LiveView
 
 Batch = dict[str, torch.Tensor]
+SINGLE = Dist()  # one process
 
 
 @dataclass
@@ -101,27 +104,45 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches: Callable[[int], list[Batch]],
           cfg: TrainSection, events: EventLog, evaluate: Callable[[], dict[str, Any]] | None = None,
-          view: LiveView | None = None) -> LoopResult:
-    """Run `cfg.steps` optimizer steps; `step_batches(step)` gives that step's micro-batches."""
+          view: LiveView | None = None, checkpoint: Callable[[int, torch.optim.Optimizer, LoopResult], None] |
+          None = None, resume: Resume | None = None, on_step: Callable[[int], None] | None = None,
+          dist: Dist = SINGLE) -> LoopResult:
+    """Run optimizer steps up to `cfg.steps`; `step_batches(step)` gives that step's (global) micro-batches.
+
+    `resume` continues a checkpointed run: its optimizer state, random states, losses and step (the stage
+    has already loaded the trainable weights). `checkpoint(step, optimizer, result)` is called when
+    `cfg.save_every` says and after the last step. `on_step(step)` is the method's hook after each step.
+    Under torchrun every process takes its rows of each micro-batch (see `distributed.py`).
+    """
     device = next(model.parameters()).device
     dtype = autocast_dtype(cfg.precision, device)
     optimizer = make_optimizer(params, cfg)
     result = LoopResult()
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        result = LoopResult(losses=list(resume.losses), tokens=resume.tokens, wall_s=resume.wall_s)
+        start = resume.step
+        if resume.rng is not None:
+            set_rng_state(resume.rng)
     view = view or LiveView(cfg.steps, cfg.log_every)
     model.train()
     with view:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [{k: v.to(device) for k, v in b.items()} for b in step_batches(step)]
-            n_tokens = sum(count_loss_tokens(b) for b in batches)
+            batches = step_batches(step)
+            n_tokens = sum(count_loss_tokens(b) for b in batches)  # over the global batch, on every process
             loss_sum = 0.0
             for batch in batches:
+                batch = {k: v.to(device) for k, v in shard_rows(batch, dist).items()}
                 loss = forward_loss_sum(model, batch, dtype)
                 (loss / max(n_tokens, 1)).backward()
                 loss_sum += loss.item()
+            sum_gradients(params, dist)
+            loss_sum = sum_across(loss_sum, dist)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                 raise TunelabError(f"step {step + 1}: the loss or gradient is not finite (loss {loss_sum}, "
@@ -129,25 +150,31 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
                                    f"precision=fp32. Nothing was saved for this run.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(step + 1)
 
             loss_value = loss_sum / max(n_tokens, 1)
             result.losses.append(loss_value)
             result.tokens += n_tokens
             result.wall_s += time.perf_counter() - t0  # training time only, evaluation excluded
             elapsed = result.wall_s
-            eta = elapsed / (step + 1) * (cfg.steps - step - 1)
-            events.write("step", step=step + 1, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
-                         tokens=n_tokens, tokens_per_s=round(result.tokens / elapsed, 1), eta_s=round(eta, 1),
-                         peak_memory_mb=round(peak_memory_mb(device), 1))
-            view.step(step + 1, loss_value, lr, result.tokens / elapsed, eta)
+            eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1) if step + 1 > start else 0.0
+            if dist.is_main:
+                events.write("step", step=step + 1, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
+                             tokens=n_tokens, tokens_per_s=round(result.tokens / elapsed, 1), eta_s=round(eta, 1),
+                             peak_memory_mb=round(peak_memory_mb(device), 1))
+                view.step(step + 1, loss_value, lr, result.tokens / elapsed, eta)
 
             last = step + 1 == cfg.steps
             if evaluate and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 metrics = {"step": step + 1, **evaluate()}
                 model.train()
                 result.evals.append(metrics)
-                events.write("eval", **metrics)
-                view.note(f"eval at step {step + 1}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                if dist.is_main:
+                    events.write("eval", **metrics)
+                    view.note(f"eval at step {step + 1}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            if checkpoint is not None:
+                checkpoint(step + 1, optimizer, result)
     result.peak_memory_mb = peak_memory_mb(device)
     return result

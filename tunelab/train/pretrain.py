@@ -8,6 +8,7 @@ model. Held-out documents give the eval loss and perplexity before and after. Ev
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ from tunelab.data.packing import Packed, pack_documents, tokenize_documents
 from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
+from tunelab.methods import Full
 from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
-from tunelab.train.events import EventLog, LiveView
+from tunelab.train.checkpoint import checkpoint_callback, fingerprint, prepare_resume
+from tunelab.train.distributed import cleanup, init_distributed
+from tunelab.train.events import EventLog, LiveView, read_events
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
 
@@ -130,43 +134,60 @@ def build_model(cfg: PretrainConfig):
 
 
 def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, Any]:
-    """Run a whole pretraining job; returns (and writes) its summary."""
+    """Run (or resume) a whole pretraining job; returns (and writes) its summary."""
+    dist = init_distributed()
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
     model, tokenizer = build_model(cfg)
     data = prepare_data(cfg, tokenizer)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    atomic_write_json(run_dir / "config.json", dump_config(cfg))
+    model.to(device or dist.device)
+    method = Full()  # every weight trains; the method gives checkpoints their tensors
+    method.inject(model)
+    config = dump_config(cfg)
+    sources = [s.path for s in cfg.data.sources] + list(cfg.data.eval_paths)
+    resume, saver = prepare_resume(run_dir, cfg.train, config, fingerprint(sources), method, dist.rank,
+                                   dist.world_size)
     t = cfg.train
-    view = LiveView(t.steps, t.log_every)
+    view = LiveView(t.steps, t.log_every, quiet=not dist.is_main)
     n_params = count_parameters(model)
     view.note(f"model: {cfg.model.base or f'{cfg.model.preset} {cfg.model.arch}'}, {n_params / 1e6:.2f}M "
               f"parameters, vocab {len(tokenizer)}; seq_len {cfg.data.seq_len}, "
-              f"{t.steps} steps x {t.micro_batch_size * t.grad_accum} blocks")
+              f"{t.steps} steps x {t.micro_batch_size * t.grad_accum} blocks"
+              + (f" on {dist.world_size} processes" if dist.world_size > 1 else ""))
     for r in data.report:
         view.note(f"source {r['path']}: {r['documents']} docs, {r['tokens']:,} tokens, {r['blocks']} blocks, "
                   f"packing {r['packing_efficiency']:.2%}, weight {r['weight']:.2f} -> share {r['share']:.2f}, "
                   f"{r['effective_epochs']:.2f} epochs")
     if len(data.eval_blocks) == 0:
         view.note("no held-out text (data.eval_fraction=0 and no data.eval_paths): no eval loss")
+    if resume is not None:
+        view.note(f"resuming from {resume.path} (step {resume.step} of {t.steps})")
 
     def evaluate() -> dict[str, float]:
         return block_loss(model, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
 
     has_eval = len(data.eval_blocks) > 0
-
-    clear_outputs(run_dir, ["summary.json", "model"])  # a new run: no stale results beside its events
-    torch.manual_seed(cfg.seed)  # dropout and anything else random in training
-    with EventLog(run_dir / "events.jsonl") as events:
-        events.write("start", config=dump_config(cfg), parameters=n_params, sources=data.report)
-        before = evaluate() if has_eval else {}
-        if has_eval:
-            events.write("eval", step=0, **before)
+    if dist.is_main:
+        atomic_write_json(run_dir / "config.json", config)
+        clear_outputs(run_dir, ["summary.json", "model"])  # no stale results beside this run's events
+    if resume is None:
+        torch.manual_seed(cfg.seed)  # dropout and anything else random in training
+    with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
+        if resume is None:
+            events.write("start", config=config, parameters=n_params, sources=data.report,
+                         world_size=dist.world_size)
+            before = evaluate() if has_eval else {}
+            if has_eval:
+                events.write("eval", step=0, **before)
+        else:
+            events.write("resume", step=resume.step, checkpoint=str(resume.path), world_size=dist.world_size)
+            before = next((e for e in read_events(run_dir / "events.jsonl") if e["event"] == "eval"
+                           and e["step"] == 0), {}) if dist.is_main else {}
+            before = {k: v for k, v in before.items() if k not in ("event", "time", "step")}
         started = time.time()
-        result = train(model, [p for p in model.parameters() if p.requires_grad],
-                       step_batches_fn(data, t.micro_batch_size, t.grad_accum), t, events,
-                       evaluate if has_eval else None, view)
+        result = train(model, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
+                       t, events, evaluate if has_eval else None, view, checkpoint_callback(saver, method, t.steps),
+                       resume, None, dist)
         after = result.evals[-1] if result.evals else {}
-        save_model(model, tokenizer, run_dir / "model")
         summary = {
             "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), "parameters": n_params,
             "steps": t.steps, "train_loss_first": result.losses[0], "train_loss_last": result.losses[-1],
@@ -174,7 +195,12 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
             "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
             "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
             "peak_memory_mb": round(result.peak_memory_mb, 1), "sources": data.report,
+            "resumed_from_step": resume.step if resume else None,
         }
-        events.write("end", **{k: v for k, v in summary.items() if k != "sources"})
-    atomic_write_json(run_dir / "summary.json", summary)
+        if dist.is_main:
+            save_model(model, tokenizer, run_dir / "model")
+            events.write("end", **{k: v for k, v in summary.items() if k != "sources"})
+    if dist.is_main:
+        atomic_write_json(run_dir / "summary.json", summary)
+    cleanup(dist)
     return summary

@@ -1,0 +1,229 @@
+"""Checkpoints a run resumes from exactly, written so that a process killed at any moment leaves a usable one.
+
+A checkpoint is a directory `<run>/checkpoints/step-NNNNNN/` holding:
+  trainable.safetensors   the method's trainable tensors only (a LoRA checkpoint holds no frozen base weight)
+  optimizer.pt            the optimizer state (AdamW moments and step counts)
+  rng-rank<R>.pt          Python, NumPy and torch (CPU and CUDA) random states of each process
+  state.json              the step (the data position: every stage draws a step's batches from the step number,
+                          so epoch, sample order and offset follow from it and are recorded for people), the
+                          losses so far, the resolved recipe, library versions and a fingerprint of each data file
+It is written under a temporary name, fsynced and renamed; then `<run>/checkpoints/latest` (a one-line text
+file naming it) is replaced atomically; then checkpoints beyond the newest `keep` are deleted. A kill during a
+save leaves only a temporary directory, which is ignored and cleaned up. The learning-rate schedule is a pure
+function of the step, so it has no state to save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+from tunelab.io import atomic_write_json, atomic_write_text
+
+# Keys that may differ between the run and its resume without changing what is computed.
+FREE_KEYS = ("train.resume", "train.resume_force", "train.log_every", "train.save_every", "train.keep_checkpoints")
+
+
+@dataclass
+class Resume:
+    """What a resumed run continues from."""
+
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any] | None
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+    path: Path | None = None
+
+
+def fingerprint(paths: list[str | Path]) -> dict[str, str]:
+    """`{path: sha256}` of every data file behind `paths` (files, directories or globs as the stages read them)."""
+    from glob import glob
+
+    files: list[Path] = []
+    for p in paths:
+        q = Path(p)
+        if q.is_dir():
+            files += sorted(f for f in q.rglob("*") if f.is_file())
+        elif q.is_file():
+            files.append(q)
+        else:
+            files += sorted(Path(m) for m in glob(str(p), recursive=True) if Path(m).is_file())
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f)] = h.hexdigest()
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def versions() -> dict[str, str]:
+    return {"tunelab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+class Checkpointer:
+    """Saves checkpoints of a run every `every` steps (0: only at the end) and keeps the newest `keep`."""
+
+    def __init__(self, run_dir: str | Path, every: int, keep: int, config: dict[str, Any],
+                 data: dict[str, str], rank: int = 0, world_size: int = 1):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.every, self.keep, self.config, self.data = every, keep, config, data
+        self.rank, self.world_size = rank, world_size
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+             losses: list[float], tokens: int, wall_s: float, epoch_info: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint `step` (rank 0 writes the shared files, every rank its random states)."""
+        final = self.dir / f"step-{step:06d}"
+        tmp = self.dir / f".step-{step:06d}.tmp"
+        if self.rank == 0:
+            for stale in self.dir.glob(".step-*.tmp"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(self.world_size)
+        torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        if self.rank == 0:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                      str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {"step": step, "world_size": self.world_size, "losses": losses, "tokens": tokens,
+                     "wall_s": wall_s, "data_position": {"step": step, **(epoch_info or {})},
+                     "config": self.config, "data": self.data, "versions": versions()}
+            atomic_write_json(tmp / "state.json", state)
+        _barrier(self.world_size)
+        if self.rank == 0:
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(self.dir / "latest", final.name + "\n")
+            for old in sorted(self.dir.glob("step-*"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(self.world_size)
+        return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_resume(run_dir: str | Path, config: dict[str, Any], data: dict[str, str], force: bool = False,
+                rank: int = 0, world_size: int = 1) -> Resume:
+    """The latest checkpoint of `run_dir`, refused when the recipe or the data changed (unless `force`)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise TunelabError(f"{run_dir}: no complete checkpoint to resume from (checkpoints/latest is missing); "
+                           f"start without --resume, or use train.resume=auto to resume only when there is one")
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    changes = config_changes(state["config"], config) + data_changes(state["data"], data)
+    if state.get("world_size", 1) != world_size:
+        changes.append(f"world size {state.get('world_size', 1)} -> {world_size}")
+    if changes and not force:
+        raise TunelabError(f"{path}: cannot resume, the run changed since this checkpoint: {'; '.join(changes)}. "
+                           f"Restore them, start a new run (another name), or pass --force-resume "
+                           f"(train.resume_force=true) to continue anyway")
+    rng_file = path / f"rng-rank{rank}.pt"
+    return Resume(step=state["step"], trainable=load_file(str(path / "trainable.safetensors")),
+                  optimizer=torch.load(path / "optimizer.pt", weights_only=False),
+                  rng=torch.load(rng_file, weights_only=False) if rng_file.is_file() else None,
+                  losses=state["losses"], tokens=state["tokens"], wall_s=state["wall_s"], path=path)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every recipe value that differs (keys in FREE_KEYS are ignored)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in FREE_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def data_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """What changed among the data files: added, removed, or different content."""
+    out = [f"data file {f} changed" for f in sorted(set(old) & set(new)) if old[f] != new[f]]
+    out += [f"data file {f} is new" for f in sorted(set(new) - set(old))]
+    out += [f"data file {f} is gone" for f in sorted(set(old) - set(new))]
+    return out
+
+
+def clear_checkpoints(run_dir: str | Path) -> None:
+    """Remove a previous run's checkpoints before a fresh (not resumed) run starts."""
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def prepare_resume(run_dir: str | Path, train_cfg, config: dict[str, Any], data: dict[str, str], method,
+                   rank: int = 0, world_size: int = 1) -> tuple[Resume | None, Checkpointer]:
+    """Load the checkpoint to resume from (into `method`) as `train.resume` asks, or clear old ones; and a saver."""
+    resume = None
+    if train_cfg.resume is True or (train_cfg.resume == "auto" and latest_checkpoint(run_dir) is not None):
+        resume = load_resume(run_dir, config, data, train_cfg.resume_force, rank, world_size)
+        method.load_state_dict(resume.trainable)
+    elif rank == 0:
+        clear_checkpoints(run_dir)
+    _barrier(world_size)
+    saver = Checkpointer(run_dir, train_cfg.save_every, train_cfg.keep_checkpoints, config, data, rank, world_size)
+    return resume, saver
+
+
+def checkpoint_callback(saver: Checkpointer, method, steps: int):
+    """The loop's `checkpoint(step, optimizer, result)`: save the method's tensors when a checkpoint is due."""
+    def checkpoint(step: int, optimizer: torch.optim.Optimizer, result) -> None:
+        if saver.due(step, step == steps):
+            saver.save(step, method.state_dict(), optimizer, result.losses, result.tokens, result.wall_s)
+    return checkpoint
