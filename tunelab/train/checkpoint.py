@@ -34,8 +34,10 @@ from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_write_json, atomic_write_text
 
-# Keys that may differ between the run and its resume without changing what is computed.
-FREE_KEYS = ("train.resume", "train.resume_force", "train.log_every", "train.save_every", "train.keep_checkpoints")
+# Keys that may differ between the run and its resume without changing what is computed (a run directory
+# may be moved or renamed).
+FREE_KEYS = ("out_dir", "name", "train.resume", "train.resume_force", "train.log_every", "train.save_every",
+             "train.keep_checkpoints")
 
 
 @dataclass
