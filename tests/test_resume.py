@@ -125,7 +125,8 @@ def test_checkpoints_hold_the_adapter_only_and_keep_the_last_k(tmp_path, base_mo
     assert state["step"] == 10 and len(state["losses"]) == 10
     assert set(state["versions"]) >= {"torch", "transformers", "tunelab"}
     assert list(state["data"]) == [str(chat_file)] and len(state["data"][str(chat_file)]) == 64
-    assert state["data_position"]["step"] == 10
+    assert state["data_position"] == {"step": 10, "examples_seen": 80, "epoch": 0, "offset": 80,
+                                      "order": "numpy default_rng([seed=3, epoch]).permutation(108)"}
 
 
 def test_resume_refuses_a_changed_recipe_or_data_unless_forced(tmp_path, base_model_dir, chat_file):

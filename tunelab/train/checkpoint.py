@@ -223,9 +223,13 @@ def prepare_resume(run_dir: str | Path, train_cfg, config: dict[str, Any], data:
     return resume, saver
 
 
-def checkpoint_callback(saver: Checkpointer, method, steps: int):
-    """The loop's `checkpoint(step, optimizer, result)`: save the method's tensors when a checkpoint is due."""
+def checkpoint_callback(saver: Checkpointer, method, steps: int, position=None):
+    """The loop's `checkpoint(step, optimizer, result)`: save the method's tensors when a checkpoint is due.
+
+    `position(step)` describes the data position for people (epoch, offset, ...); resuming needs only the step.
+    """
     def checkpoint(step: int, optimizer: torch.optim.Optimizer, result) -> None:
         if saver.due(step, step == steps):
-            saver.save(step, method.state_dict(), optimizer, result.losses, result.tokens, result.wall_s)
+            saver.save(step, method.state_dict(), optimizer, result.losses, result.tokens, result.wall_s,
+                       position(step) if position else None)
     return checkpoint

@@ -179,6 +179,13 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         return example_loss(model, data.eval, t.micro_batch_size, t.eval_batches, pad_id, t.precision)
 
     has_eval = bool(data.eval)
+    per_step, n = t.micro_batch_size * t.grad_accum, len(data.train)
+
+    def position(step: int) -> dict[str, Any]:
+        seen = step * per_step
+        return {"examples_seen": seen, "epoch": seen // n, "offset": seen % n,
+                "order": f"numpy default_rng([seed={cfg.seed}, epoch]).permutation({n})"}
+
     if dist.is_main:
         atomic_write_json(run_dir / "config.json", config)
         atomic_write_json(run_dir / "lint.json", data.lint)
@@ -197,8 +204,8 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         started = time.time()
         result = train(model, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
-                       evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps), resume,
-                       method.on_step, dist)
+                       evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps, position),
+                       resume, method.on_step, dist)
         after = result.evals[-1] if result.evals else {}
         summary = {
             "run_dir": str(run_dir), "method": cfg.method.name,

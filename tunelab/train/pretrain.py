@@ -185,7 +185,10 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
             before = {k: v for k, v in before.items() if k not in ("event", "time", "step")}
         started = time.time()
         result = train(model, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
-                       t, events, evaluate if has_eval else None, view, checkpoint_callback(saver, method, t.steps),
+                       t, events, evaluate if has_eval else None, view,
+                       checkpoint_callback(saver, method, t.steps, lambda step: {
+                           "blocks_seen": step * t.micro_batch_size * t.grad_accum,
+                           "order": f"mixture schedule of seed {cfg.seed}"}),
                        resume, None, dist)
         after = result.evals[-1] if result.evals else {}
         summary = {
