@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_lora import IDS, logits, tiny
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tunelab.errors import ModelError, TunelabError
 from tunelab.methods import LoRA, LoRALinear, is_adapter_dir, load_adapter, read_adapter_config, save_lora_adapter
@@ -22,22 +22,6 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Could not find a config file"),
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")]
-IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def tiny(arch: str = "llama", seed: int = 0, **overrides) -> nn.Module:
-    """A 2-layer model (hidden 64, 4 query heads, 2 KV heads) in eval mode; Qwen2 has q/k/v biases."""
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=False) | overrides
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**kw)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -233,3 +233,23 @@ def checkpoint_callback(saver: Checkpointer, method, steps: int, position=None):
             saver.save(step, method.state_dict(), optimizer, result.losses, result.tokens, result.wall_s,
                        position(step) if position else None)
     return checkpoint
+
+
+def begin_events(events, resume: Resume | None, evaluate, world_size: int = 1, **start: Any) -> dict[str, Any]:
+    """Write a run's `start` event and its step-0 evaluation, or a `resume` event; return the step-0 metrics.
+
+    A resumed run takes its step-0 metrics from the events the interrupted run wrote (empty when this process
+    writes no events). `evaluate` is None when there is nothing held out.
+    """
+    if resume is None:
+        events.write("start", world_size=world_size, **start)
+        before = evaluate() if evaluate else {}
+        if before:
+            events.write("eval", step=0, **before)
+        return before
+    events.write("resume", step=resume.step, checkpoint=str(resume.path), world_size=world_size)
+    path = Path(events.path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # not /dev/null
+    records = [json.loads(line) for line in lines if line.strip()]
+    first = next((e for e in records if e["event"] == "eval" and e["step"] == 0), {})
+    return {k: v for k, v in first.items() if k not in ("event", "time", "step")}

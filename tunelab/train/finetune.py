@@ -31,9 +31,9 @@ from tunelab.errors import DataError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import build_method
 from tunelab.models import count_parameters, load_model, load_tokenizer
-from tunelab.train.checkpoint import checkpoint_callback, fingerprint, prepare_resume
+from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume
 from tunelab.train.distributed import broadcast_parameters, cleanup, init_distributed
-from tunelab.train.events import EventLog, LiveView, read_events
+from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
 
@@ -191,16 +191,8 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         atomic_write_json(run_dir / "lint.json", data.lint)
         clear_outputs(run_dir, ["summary.json", "model", "adapter"])
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
-        if resume is None:
-            events.write("start", config=config, parameters=n_total, trainable_parameters=n_train, steps=steps,
-                         lint=data.lint, world_size=dist.world_size)
-            before = evaluate() if has_eval else {}
-            if has_eval:
-                events.write("eval", step=0, **before)
-        else:
-            events.write("resume", step=resume.step, checkpoint=str(resume.path), world_size=dist.world_size)
-            before = next((e for e in read_events(run_dir / "events.jsonl") if e["event"] == "eval"
-                           and e["step"] == 0), {}) if dist.is_main else {}
+        before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
+                              parameters=n_total, trainable_parameters=n_train, steps=steps, lint=data.lint)
         started = time.time()
         result = train(model, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,

@@ -25,9 +25,9 @@ from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import Full
 from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
-from tunelab.train.checkpoint import checkpoint_callback, fingerprint, prepare_resume
+from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume
 from tunelab.train.distributed import cleanup, init_distributed
-from tunelab.train.events import EventLog, LiveView, read_events
+from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
 
@@ -172,17 +172,8 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
     if resume is None:
         torch.manual_seed(cfg.seed)  # dropout and anything else random in training
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
-        if resume is None:
-            events.write("start", config=config, parameters=n_params, sources=data.report,
-                         world_size=dist.world_size)
-            before = evaluate() if has_eval else {}
-            if has_eval:
-                events.write("eval", step=0, **before)
-        else:
-            events.write("resume", step=resume.step, checkpoint=str(resume.path), world_size=dist.world_size)
-            before = next((e for e in read_events(run_dir / "events.jsonl") if e["event"] == "eval"
-                           and e["step"] == 0), {}) if dist.is_main else {}
-            before = {k: v for k, v in before.items() if k not in ("event", "time", "step")}
+        before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
+                              parameters=n_params, sources=data.report)
         started = time.time()
         result = train(model, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
                        t, events, evaluate if has_eval else None, view,
