@@ -26,3 +26,10 @@ def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     assert {a["task"] for a in summary["answers"]} == {"fact", "string", "arithmetic"}
     out = capsys.readouterr().out
     assert "eval perplexity" in out and "sample completions" in out and "strict accuracy" in out
+    # the before/after report: base vs base + adapter on one suite
+    assert (run / "eval/report.html").is_file() and (run / "eval/recipe.yaml").is_file()
+    results = json.loads((run / "eval/results.json").read_text())
+    assert [m["label"] for m in results["models"]] == ["base", "tuned"] and results["models"][1]["adapter"]
+    assert {r["task"] for r in summary["eval"]["comparison"]} == {"world_text", "world_choice", "instructions"}
+    tuned_gen = results["models"][1]["tasks"]["instructions"]["metrics"]
+    assert tuned_gen["accuracy"] == acc["after"]["accuracy"] and "delta vs base" in out

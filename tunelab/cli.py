@@ -6,6 +6,7 @@ Errors a user can cause print as one line (`error: ...`) with exit code 2; `--de
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,8 +71,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                          for t, v in acc["after"]["per_task"].items())
     console.print(f"strict accuracy on {acc['examples']} held-out instructions: {acc['before']['accuracy']:.0%} "
                   f"before -> {acc['after']['accuracy']:.0%} after LoRA fine-tuning ({per_task})")
+    ev = summary["eval"]  # the before/after report: base vs base + adapter on one suite
+    show_eval_results({**json.loads(Path(ev["results_path"]).read_text(encoding="utf-8")), **ev}, details=False)
     console.print(f"demo finished in {summary['wall_s']:.0f}s; everything is in {summary['run_dir']}/ "
-                  f"(summary.json, data/, tokenizer/, pretrain/model/, finetune/adapter/)")
+                  f"(summary.json, data/, tokenizer/, pretrain/model/, finetune/adapter/, eval/report.html)")
     return 0
 
 
@@ -126,6 +129,56 @@ def _cmd_export(args: argparse.Namespace) -> int:
                   f"max |logit difference| {report['max_abs_logit_diff']:.2e} over {report['probes']} probe inputs "
                   f"(tolerance {report['tolerance']:g}): passed", highlight=False)
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.evaluate import load_eval_config, run_eval
+
+    cfg = load_eval_config(args.config, args.overrides, args.models, args.task, args.judge_url)
+    results = run_eval(cfg, log=lambda line: console.print(line, highlight=False))
+    show_eval_results(results)
+    return 0
+
+
+def show_eval_results(results: dict, details: bool = True) -> None:
+    """Per-subject accuracy of choice tasks (`details`), unparseable judge outputs, every metric and its delta."""
+    from tunelab.evaluate.report import fmt, fmt_delta
+
+    models = results["models"]
+    labels = [m["label"] for m in models]
+    for task in results["tasks"]:
+        name = task["name"]
+        if task["type"] == "choice" and details:
+            for m in models:
+                r = m["tasks"][name]
+                table = Table(title=f"{m['label']} · {name}: accuracy per subject")
+                table.add_column("subject", no_wrap=True, max_width=40)
+                for col in ("n", "letter", "loglik", "loglik norm"):
+                    table.add_column(col, justify="right", no_wrap=True)
+                for subject, row in r["subjects"].items():
+                    table.add_row(subject, str(row["questions"]),
+                                  *[fmt("acc", row[k]) for k in ("letter_acc", "ll_acc", "ll_acc_norm")])
+                for avg, suffix in (("average over subjects", ""), ("average over questions", "_micro")):
+                    table.add_row(avg, str(r["questions"]), *[fmt("acc", r["metrics"][k + suffix])
+                                  for k in ("letter_acc", "ll_acc", "ll_acc_norm")], style="bold")
+                console.print(table)
+                console.print(f"{m['label']}: {r['questions']} questions, {r['k']}-shot, context {r['context']} "
+                              f"tokens; {r['truncated']} prompts truncated (fewer examples), {r['cut']} cut; "
+                              f"{r['wall_s']:.1f}s, {r['questions_per_s']:.2f} questions/s", highlight=False)
+        for m in models:
+            bad = m["tasks"][name].get("unparseable_outputs")
+            if bad:
+                console.print(f"{m['label']} · {name}: {len(bad)} unparseable judge outputs, e.g. {bad[0][:160]!r}",
+                              highlight=False)
+    table = Table(title=f"evaluation: {results['name']} (delta vs {labels[0]})")
+    for col in ["task", "metric"] + labels:
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for r in results["comparison"]:
+        cells = [fmt(r["metric"], v) + (f" ({fmt_delta(r['metric'], d)})" if d is not None else "")
+                 for v, d in zip(r["values"], r["deltas"])]
+        table.add_row(r["task"], r["metric"] + (" ↓" if r["lower_is_better"] else ""), *cells)
+    console.print(table)
+    console.print(f"results: {results['results_path']}, report: {results['report_path']}", highlight=False)
 
 
 def _load_for_generation(args: argparse.Namespace):
@@ -277,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest |logit difference| allowed between merged and base + adapter (default 1e-4)")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("eval", help="evaluate models: perplexity, multiple choice, generation, LLM-as-judge")
+    p.add_argument("config", nargs="?", help="YAML recipe with tasks:, e.g. examples/eval_cmmlu.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tasks.0.k=0 tasks.0.limit=20")
+    p.add_argument("--models", help="comma-separated model or adapter directories (label=dir to name one); "
+                                    "the first is the baseline of the deltas")
+    p.add_argument("--task", action="append", default=[], metavar="TYPE:PATH",
+                   help="add a task with default settings, e.g. choice:../shared/data/cmmlu (repeatable)")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for every judge task, e.g. http://127.0.0.1:8000/v1")
+    p.set_defaults(func=_cmd_eval)
+
     for name, help_text in (("generate", "complete prompts with a model (optionally + adapter)"),
                             ("chat", "talk to a model (optionally + adapter) in the terminal")):
         p = sub.add_parser(name, help=help_text)
@@ -325,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("demo", "finetune") and args.config and "=" in args.config:
+    if args.command in ("demo", "finetune", "eval") and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)  # `tunelab demo train.steps=50`: an override, not a recipe
         args.config = None
     try:

@@ -102,9 +102,10 @@ class PretrainConfig(Section):
 
 
 class MethodSection(Section):
-    """How to fine-tune: `lora` (low-rank adapters on the target linear layers) or `full` (every weight)."""
+    """How to fine-tune: `lora` (low-rank adapters on the target linear layers), `full` (every weight),
+    `lora-dash` (LoRA, then s task-specific directions), `dora` (LoRA + magnitudes) or `adapter` (LLaMA-Adapter)."""
 
-    name: Literal["lora", "full"] = "lora"
+    name: Literal["lora", "full", "lora-dash", "dora", "adapter"] = "lora"
     r: int = Field(8, ge=1)  # LoRA rank
     alpha: float = Field(16.0, gt=0)  # scaling = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = Field(0.05, ge=0, lt=1)  # on the input of the LoRA branch only
@@ -114,6 +115,10 @@ class MethodSection(Section):
     target_modules: list[str] | str = "all-linear"
     init: Literal["kaiming", "gaussian"] = "kaiming"  # as PEFT's init_lora_weights=True / "gaussian"
     freeze_embeddings: bool = False  # full only: keep input embeddings (and a tied head) frozen
+    dash_steps: int = Field(100, ge=1)  # lora-dash: optimizer steps of plain LoRA before the directions are chosen
+    dash_directions: int = Field(8, ge=1)  # lora-dash: directions s trained per layer after the switch
+    adapter_prompt_len: int = Field(10, ge=1)  # adapter: prompt tokens K per adapted layer
+    adapter_layers: int | None = Field(None, ge=1)  # adapter: the top L layers get prompts; null: every layer
 
 
 class SFTData(Section):

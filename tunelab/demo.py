@@ -6,7 +6,12 @@
 4. show eval loss and perplexity before → after, and fact recall: greedy completions of a prompt for
    every fact of the world ("Kolu Fenby works as a" → "fisher"), scored against the world's truth;
 5. fine-tune the pretrained model with LoRA on the instruction tasks (chat template, loss on the
-   answers only) and show strict accuracy on the held-out tasks before → after, per task.
+   answers only);
+6. evaluate the pretrained model (base) and base + adapter (tuned) with one suite and write a
+   before/after report (`eval/results.json`, `eval/report.html`): perplexity and bits per byte on the
+   held-out world text, 5-shot multiple choice on the CMMLU-style questions, and strict accuracy on the
+   held-out instructions, per task. The suite's recipe is kept as `eval/recipe.yaml` (`tunelab eval
+   runs/demo/eval/recipe.yaml` reruns it).
 Everything lands in `<out_dir>/<name>/` with a `summary.json`.
 """
 
@@ -17,14 +22,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import DemoConfig, FinetuneConfig, ModelSection, PretrainConfig, PretrainData, SFTData, Source
-from tunelab.data.chat import chat_template_for
+import yaml
+
+from tunelab.config import (
+    ChoiceTask,
+    DemoConfig,
+    EvalConfig,
+    FinetuneConfig,
+    GenerationTask,
+    ModelSection,
+    PerplexityTask,
+    PretrainConfig,
+    PretrainData,
+    SFTData,
+    Source,
+    dump_config,
+)
 from tunelab.data.demo import fact_completion_pairs, generate_demo_data
-from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
+from tunelab.data.text import read_documents
+from tunelab.evaluate import run_eval
+from tunelab.io import atomic_write_json, atomic_write_text, clear_outputs, ensure_writable_dir
 from tunelab.models import load_model
-from tunelab.serve.generate import answer_chats, complete, load_tuned
+from tunelab.serve.generate import complete
 from tunelab.train.finetune import run_finetune
-from tunelab.train.pretrain import build_model, run_pretrain
+from tunelab.train.pretrain import build_model, run_pretrain, split_documents
 from tunelab.vocab.train import train_tokenizer_files
 
 # English carries most of the world's text; Chinese states the same facts with a smaller share.
@@ -59,22 +80,43 @@ def finetune_config(cfg: DemoConfig, run_dir: Path, base: str) -> FinetuneConfig
     )
 
 
-def task_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int, template: str) -> dict[str, Any]:
-    """Strict accuracy (the whole reply equals the answer) of greedy replies to Alpaca records, per task."""
-    chats = [[{"role": "user", "content": r["instruction"]}] for r in records]
-    replies = answer_chats(model, tokenizer, chats, template, max_new_tokens=max_new_tokens)
-    correct = [reply.strip() == r["output"].strip() for reply, r in zip(replies, records)]
-    tasks = sorted({r["task"] for r in records})
-    per_task = {t: sum(c for c, r in zip(correct, records) if r["task"] == t) / sum(r["task"] == t for r in records)
-                for t in tasks}
-    return {"accuracy": sum(correct) / max(1, len(records)), "per_task": per_task, "replies": replies}
+def write_heldout_text(pcfg: PretrainConfig, out_dir: Path) -> Path:
+    """The documents pretraining held out (the same seeded split), one .jsonl per source, for perplexity."""
+    for i, src in enumerate(pcfg.data.sources):
+        _, held = split_documents(read_documents(src.path, src.text_key), pcfg.data.eval_fraction, pcfg.seed + i)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / Path(src.path).name,
+                          "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in held))
+    return out_dir
+
+
+def eval_config(cfg: DemoConfig, run_dir: Path, base: str, adapter: str) -> EvalConfig:
+    """The before/after suite: base = the pretrained model, tuned = base + the LoRA adapter."""
+    return EvalConfig(
+        name="eval", seed=cfg.seed, out_dir=str(run_dir), models=[f"base={base}", f"tuned={adapter}"],
+        # disjoint windows as long as the pretraining blocks, as pretraining's own eval loss
+        tasks=[PerplexityTask(type="perplexity", name="world_text", path=str(run_dir / "eval" / "heldout"),
+                              max_length=cfg.seq_len, stride=cfg.seq_len, batch_size=16),
+               ChoiceTask(type="choice", name="world_choice", path=str(run_dir / "data" / "choice"), k=5,
+                          batch_size=16),
+               # the template the adapter was trained with (see finetune_config)
+               GenerationTask(type="generation", name="instructions", extract="exact", chat_template="plain",
+                              path=str(run_dir / "data" / "instructions" / "test.jsonl"),
+                              max_new_tokens=cfg.answer_tokens)])
+
+
+def task_accuracy(results: dict, model: int) -> dict[str, Any]:
+    """Strict accuracy overall and per task of one model of the suite (its generation task)."""
+    r = results["models"][model]["tasks"]["instructions"]
+    return {"accuracy": r["metrics"]["accuracy"], "per_task": r["per_group"],
+            "replies": [s["reply"] for s in r["samples"]]}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end; returns (and writes) its summary."""
     started = time.time()
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
-    clear_outputs(run_dir, ["summary.json"])
+    clear_outputs(run_dir, ["summary.json", "eval"])
     manifest = generate_demo_data(run_dir / "data", seed=cfg.seed, scale=cfg.data_scale)
     corpus = [run_dir / "data" / "pretrain" / f for f in SOURCE_WEIGHTS]
     train_tokenizer_files(corpus, run_dir / "tokenizer", vocab_size=cfg.vocab_size, split_cjk=True)
@@ -90,16 +132,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     after = complete(trained, tokenizer, [p for p, _ in pairs], max_new_tokens=cfg.sample_tokens)
     samples = [{"prompt": p, "expected": e, "before": b, "after": a}
                for (p, e), b, a in zip(pairs, before, after)]
+    del trained
 
     test_path = run_dir / "data" / "instructions" / "test.jsonl"
     tests = [json.loads(line) for line in test_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    fcfg = finetune_config(cfg, run_dir, pretrain["model_dir"])
-    template = chat_template_for(tokenizer, fcfg.data.chat_template)
-    tasks_before = task_accuracy(trained, tokenizer, tests, cfg.answer_tokens, template)
-    del trained
-    finetune = run_finetune(fcfg)
-    tuned, tuned_tokenizer, _ = load_tuned(finetune["output_dir"])  # its tokenizer carries the template
-    tasks_after = task_accuracy(tuned, tuned_tokenizer, tests, cfg.answer_tokens, template)
+    finetune = run_finetune(finetune_config(cfg, run_dir, pretrain["model_dir"]))
+
+    write_heldout_text(pcfg, run_dir / "eval" / "heldout")
+    ecfg = eval_config(cfg, run_dir, pretrain["model_dir"], finetune["output_dir"])
+    atomic_write_text(run_dir / "eval" / "recipe.yaml", yaml.safe_dump(dump_config(ecfg), allow_unicode=True,
+                                                                         sort_keys=False))
+    evaluation = run_eval(ecfg, log=lambda line: None)
+    tasks_before, tasks_after = task_accuracy(evaluation, 0), task_accuracy(evaluation, 1)
     answers = [{"instruction": r["instruction"], "task": r["task"], "expected": r["output"], "before": b, "after": a}
                for r, b, a in zip(tests, tasks_before.pop("replies"), tasks_after.pop("replies"))]
     summary = {"run_dir": str(run_dir), "data": manifest, "pretrain": pretrain,
@@ -107,7 +151,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                "after": recall(samples, "after")},
                "samples": samples[: cfg.samples], "finetune": finetune,
                "task_accuracy": {"examples": len(tests), "before": tasks_before, "after": tasks_after},
-               "answers": _spread(answers, cfg.samples), "wall_s": round(time.time() - started, 1)}
+               "answers": _spread(answers, cfg.samples),
+               "eval": {"results_path": evaluation["results_path"], "report_path": evaluation["report_path"],
+                        "wall_s": evaluation["wall_s"], "comparison": evaluation["comparison"]},
+               "wall_s": round(time.time() - started, 1)}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -56,7 +56,7 @@ def export_merged(model_ref: str | Path, out_dir: str | Path, adapter: str | Pat
     reference = load_model(base)
     method = load_adapter(reference, adapter_dir)  # base + adapter, unmerged
     if not method.mergeable:
-        raise ModelError(f"{adapter_dir}: a {method.name} adapter cannot be merged into the base weights; "
+        raise ModelError(f"{adapter_dir}: a {method.name!r} adapter cannot be merged into the base weights; "
                          f"serve it with its base instead (tunelab generate/chat {adapter_dir})")
     merged = load_adapter(load_model(base), adapter_dir).unload()
     probes = probe_inputs(tokenizer)

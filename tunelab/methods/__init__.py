@@ -1,8 +1,10 @@
 """Fine-tuning methods: one file per method, all behind the small `Method` interface (`base.py`).
 
-Implemented: `lora` (LoRA / rsLoRA on linear layers, `lora.py`) and `full` (every weight, `full.py`); LoRA
-adapters are written and read in the HF PEFT format (`peft_io.py`). This package never imports `tunelab.train`
-or `tunelab.cli`.
+Implemented: `lora` (LoRA / rsLoRA on linear layers, `lora.py`), `full` (every weight, `full.py`), `lora-dash`
+(LoRA, then trained task-specific directions, `lora_dash.py`), `dora` (magnitude and direction, `dora.py`) and
+`adapter` (LLaMA-Adapter's gated adaption prompts, `adapter.py`). LoRA, DoRA and LoRA-Dash adapters are written in
+the HF PEFT format (`peft_io.py`; LoRA-Dash as the equivalent rank-(r+s) LoRA); LLaMA-Adapter has its own format.
+This package never imports `tunelab.train` or `tunelab.cli`.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.methods.adapter import PEFT_TYPE as ADAPTION_PROMPT_TYPE
+from tunelab.methods.adapter import Adapter, AdaptionPromptAttention, load_adapter_dir
 from tunelab.methods.base import Method
+from tunelab.methods.dora import DoRA, DoRALinear
 from tunelab.methods.full import Full
 from tunelab.methods.lora import LoRA, LoRALinear
+from tunelab.methods.lora_dash import LoRADash, LoRADashLinear
 from tunelab.methods.peft_io import is_adapter_dir, load_lora_adapter, read_adapter_config, save_lora_adapter
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSection
 
-__all__ = ["Full", "LoRA", "LoRALinear", "Method", "build_method", "is_adapter_dir", "load_adapter",
-           "load_lora_adapter", "read_adapter_config", "save_lora_adapter"]
+__all__ = ["Adapter", "AdaptionPromptAttention", "DoRA", "DoRALinear", "Full", "LoRA", "LoRADash", "LoRADashLinear",
+           "LoRALinear", "Method", "build_method", "is_adapter_dir", "load_adapter", "load_lora_adapter",
+           "read_adapter_config", "save_lora_adapter"]
 
 
 def build_method(cfg: MethodSection) -> Method:
@@ -32,9 +39,24 @@ def build_method(cfg: MethodSection) -> Method:
                     target_modules=cfg.target_modules, init=cfg.init)
     if cfg.name == "full":
         return Full(freeze_embeddings=cfg.freeze_embeddings)
-    raise ConfigError(f"method.name: unknown method {cfg.name!r}; choose lora or full")
+    if cfg.name == "lora-dash":
+        return LoRADash(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                        target_modules=cfg.target_modules, init=cfg.init, dash_steps=cfg.dash_steps,
+                        dash_directions=cfg.dash_directions)
+    if cfg.name == "dora":
+        return DoRA(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                    target_modules=cfg.target_modules, init=cfg.init)
+    if cfg.name == "adapter":
+        return Adapter(prompt_len=cfg.adapter_prompt_len, layers=cfg.adapter_layers)
+    raise ConfigError(f"method.name: unknown method {cfg.name!r}; choose lora, full, lora-dash, dora or adapter")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
-    """Inject the adapter saved in `adapter_dir` (PEFT format) into `model` with its weights; return the method."""
+    """Inject the adapter saved in `adapter_dir` into `model` with its weights; return the method.
+
+    PEFT LoRA / DoRA adapters (LoRA-Dash exports are plain LoRA) and tunelab's LLaMA-Adapter directories.
+    """
+    cfg = read_adapter_config(adapter_dir)
+    if cfg.get("peft_type") == ADAPTION_PROMPT_TYPE:
+        return load_adapter_dir(model, adapter_dir, cfg)
     return load_lora_adapter(model, adapter_dir)

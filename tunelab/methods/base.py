@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,5 +57,10 @@ class Method(ABC):
     def save(self, out_dir: str | Path, base_model_path: str | None = None, tokenizer=None) -> Path:
         """Write the method's result to `out_dir` atomically and return the directory."""
 
-    def on_step(self, step: int) -> None:  # noqa: B027 - an optional hook, a no-op by default
-        """Called by the loop after each optimizer step (for two-phase methods); a no-op by default."""
+    def on_step(self, step: int) -> dict[str, Any] | None:
+        """Called by the loop after optimizer step `step` (1-based; for two-phase methods); a no-op by default.
+
+        It may return an event for the run's events.jsonl: a dict with its name under "event" and JSON fields
+        (e.g. LoRA-Dash's switch and what its SVDs cost). Methods never write events themselves.
+        """
+        return None

@@ -190,11 +190,15 @@ class LoRA(Method):
         for name in names:
             r = int(_pattern_value(self.rank_pattern, name, self.r))
             alpha = float(_pattern_value(self.alpha_pattern, name, self.alpha))
-            layer = LoRALinear(model.get_submodule(name), r, alpha, self.dropout, self.rslora)
+            layer = self.new_layer(model.get_submodule(name), r, alpha)
             layer.reset_lora_parameters(self.init)
             _set_submodule(model, name, layer)
             self.layers[name] = layer
         self.model = model
+
+    def new_layer(self, base_layer: nn.Linear, r: int, alpha: float) -> LoRALinear:
+        """The wrapper for one selected linear (methods built on LoRA, e.g. DoRA, return their own subclass)."""
+        return LoRALinear(base_layer, r, alpha, self.dropout, self.rslora)
 
     # --- training ------------------------------------------------------------------------------------------------
 

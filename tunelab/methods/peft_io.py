@@ -8,7 +8,8 @@ Read: `peft_type: LORA` on nn.Linear layers with r, lora_alpha, lora_dropout, us
 alpha_pattern, target_modules (list, regex or "all-linear") and exclude_modules; weights from
 adapter_model.safetensors (or the pickle fallback adapter_model.bin, read with weights_only=True), with or
 without the `base_model.model.` prefix. Every targeted module must have both tensors (never silently zero).
-Refused as "not supported yet": other peft types, DoRA, LoRA bias / bias != "none", modules_to_save, embedding
+DoRA (`use_dora: true`, with a `...lora_magnitude_vector` tensor per module) is written and read too (`dora.py`).
+Refused as "not supported yet": other peft types, LoRA bias / bias != "none", modules_to_save, embedding
 LoRA, layers_to_transform, layer_replication, target_parameters, trainable tokens, and inits that change the
 base weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA). Adapters saved under a non-default adapter name
 (a sub-folder) are not looked for: pass the sub-folder itself.
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.errors import ConfigError, ModelError
 from tunelab.io import atomic_dir
+from tunelab.methods.dora import MAGNITUDE, DoRA
 from tunelab.methods.lora import LoRA
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,7 +37,6 @@ PREFIX = "base_model.model."
 
 # adapter_config.json keys whose feature tunelab does not implement; an adapter that uses one is refused.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora: true)",
     "lora_bias": "LoRA bias terms (lora_bias: true)",
     "modules_to_save": "modules_to_save (extra fully trained modules)",
     "layers_to_transform": "layers_to_transform (LoRA on some layer indices only)",
@@ -74,8 +75,13 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
 
 
 def save_lora_adapter(method: LoRA, out_dir: str | Path, base_model_path: str | None = None,
-                      tokenizer=None) -> Path:
-    """Write `method` as a PEFT LoRA adapter directory (atomically) and return its path."""
+                      tokenizer=None, *, tensors: dict[str, torch.Tensor] | None = None,
+                      **config_updates: Any) -> Path:
+    """Write `method` as a PEFT LoRA adapter directory (atomically) and return its path.
+
+    Methods built on LoRA pass what differs: `tensors` (keys without the `base_model.model.` prefix; default
+    `method.state_dict()`) and adapter_config.json values (e.g. `use_dora=True`, or LoRA-Dash's r / rank_pattern).
+    """
     if not method.layers:
         raise ModelError("nothing to save: this LoRA has no adapted layers (inject it into a model first)")
     config = {
@@ -89,8 +95,9 @@ def save_lora_adapter(method: LoRA, out_dir: str | Path, base_model_path: str | 
         "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
         "init_lora_weights": True if method.init == "kaiming" else "gaussian",
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
-    }
-    tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in method.state_dict().items()}
+    } | config_updates
+    tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone()
+               for k, v in (method.state_dict() if tensors is None else tensors).items()}
     with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -108,13 +115,14 @@ def load_lora_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRA:
     cfg = read_adapter_config(d)
     where = d / CONFIG_NAME
     settings = _lora_settings(cfg, where)
+    dora = cfg.get("use_dora") is True
     weights_path, tensors = _read_weights(d)
     sd = {}
     for key, tensor in tensors.items():
-        _check_tensor_kind(key, weights_path)
+        _check_tensor_kind(key, weights_path, dora)
         sd[key.removeprefix(PREFIX)] = tensor
     try:
-        method = LoRA(**settings)
+        method = DoRA(**settings) if dora else LoRA(**settings)
         method.inject(model)
     except (ConfigError, ModelError) as e:
         raise ModelError(f"{where}: {e}") from None
@@ -133,6 +141,8 @@ def _lora_settings(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         raise ModelError(f"{where}: peft_type {peft_type!r} is not supported yet; tunelab loads LORA adapters only")
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
         raise ModelError(f"{where}: task_type {cfg['task_type']!r} is not supported; tunelab loads CAUSAL_LM adapters")
+    if cfg.get("use_dora") not in (None, False, True):
+        raise ModelError(f"{where}: use_dora must be true or false, found {cfg['use_dora']!r}")
     for key, what in _UNSUPPORTED.items():
         if _in_use(cfg.get(key)):
             raise ModelError(f"{where}: {what} is not supported yet (key {key!r} = {cfg[key]!r}); "
@@ -198,14 +208,14 @@ def _read_weights(d: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, tensors
 
 
-def _check_tensor_kind(key: str, path: Path) -> None:
-    """ModelError naming `key` when it is not a plain lora_A / lora_B weight."""
-    if key.endswith((".lora_A.weight", ".lora_B.weight")):
+def _check_tensor_kind(key: str, path: Path, dora: bool = False) -> None:
+    """ModelError naming `key` when it is not a plain lora_A / lora_B weight (or, for DoRA, a magnitude)."""
+    if key.endswith((".lora_A.weight", ".lora_B.weight")) or (dora and key.endswith("." + MAGNITUDE)):
         return
     if key.endswith(".lora_B.bias"):
         what = "a LoRA bias (lora_bias)"
-    elif "lora_magnitude_vector" in key:
-        what = "a DoRA magnitude vector"
+    elif MAGNITUDE in key:
+        what = "a DoRA magnitude vector in an adapter without use_dora: true"
     elif "lora_embedding_" in key:
         what = "embedding LoRA"
     elif ".lora_" in key:

@@ -1,14 +1,16 @@
-"""`tunelab finetune`: instruction / chat data → loss masks → a method (LoRA or full) → the training loop.
+"""`tunelab finetune`: instruction / chat data → loss masks → a method (`tunelab/methods/`) → the training loop.
 
 Supports: any local HF causal LM as the base (including one written by `tunelab pretrain`); Alpaca,
 messages, ShareGPT and plain-text files (`tunelab/data/records.py`); the loss on assistant tokens only,
 the last assistant turn or everything, masks derived from the tokenizer's own chat template
-(`tunelab/data/chat.py`); LoRA or full fine-tuning (`tunelab/methods/`). Examples are shuffled once per
+(`tunelab/data/chat.py`); LoRA, LoRA-Dash, DoRA, LLaMA-Adapter or full fine-tuning (`tunelab/methods/`; an
+event a method's `on_step` returns, e.g. LoRA-Dash's switch, goes to events.jsonl). Examples are shuffled once per
 epoch from the seed and padded to the longest of each micro-batch; a step's micro-batches are a pure
 function of the step number. Not here (yet): packing of short examples, resume from checkpoints.
 
 Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.json`, `summary.json` and
-`adapter/` (a PEFT LoRA adapter directory) or `model/` (a full HF model directory).
+`adapter/` (a PEFT LoRA / DoRA adapter directory, or tunelab's LLaMA-Adapter one) or `model/` (full: a HF model
+directory).
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         result = train(model, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
                        evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps, position),
-                       resume, method.on_step, dist)
+                       resume, method_hook(method, events, view, dist), dist)
         after = result.evals[-1] if result.evals else {}
         summary = {
             "run_dir": str(run_dir), "method": cfg.method.name,
@@ -219,6 +221,18 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         atomic_write_json(run_dir / "summary.json", summary)
     cleanup(dist)
     return summary
+
+
+def method_hook(method, events: EventLog, view: LiveView, dist):
+    """The loop's `on_step`: the method's hook, with any event it returns (e.g. LoRA-Dash's switch) written."""
+    def on_step(step: int) -> None:
+        event = method.on_step(step)
+        if event and dist.is_main:
+            fields = dict(event)
+            name = fields.pop("event")
+            events.write(name, **fields)
+            view.note(f"step {step}: {name} " + ", ".join(f"{k} {v}" for k, v in fields.items() if k != "step"))
+    return on_step
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, Any]:

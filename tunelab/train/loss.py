@@ -33,9 +33,12 @@ from tunelab.errors import ModelError
 
 Batch = dict[str, torch.Tensor]
 
-# Rows of logits per chunk when `chunk_size` is None: about 32 MiB of fp32 logits per chunk (256 rows for a 32k
-# vocabulary, 64 for 150k), at least 16 rows. Measured on CPU: larger chunks are not faster (see benchmarks/).
+# Rows per chunk when `chunk_size` is None: about 32 MiB of fp32 logits (262 rows for a 32k vocabulary), at least
+# 128 rows. Measured on 2 CPU cores (hidden 512, vocab 32k, benchmarks/train_speed.py): 128 to 1024 rows run at the
+# same speed on one thread; on two busy threads 524 rows were ~7% faster than 262 and 128 ~5% slower, while each
+# doubling of the chunk adds its [chunk, V] fp32 buffer (+32 MiB here) to the peak.
 _AUTO_CHUNK_ELEMENTS = 2**23
+_MIN_AUTO_CHUNK = 128
 # Models whose `logits_scaling` multiplies the logits (the others, Granite-style, divide by it).
 _MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax",)
 _PROBE_TOKENS = 8
@@ -65,7 +68,7 @@ def chunked_loss_sum(model: nn.Module, batch: Batch, dtype: torch.dtype | None,
 
     Same value (fp32: to rounding) and gradients as `F.cross_entropy` over `model(...).logits`, shifted by one.
     `batch` holds `input_ids`, `labels` (-100: no loss) and optionally `attention_mask`; `dtype` is the autocast
-    dtype (None: no autocast). `chunk_size`: positions per chunk (None: ~8M logits per chunk).
+    dtype (None: no autocast). `chunk_size`: positions per chunk (None: ~8M logits, at least 128 rows).
     """
     decoder, head = _body_and_head(model)
     transform = _checked.get(model)
@@ -82,7 +85,7 @@ def chunked_loss_sum(model: nn.Module, batch: Batch, dtype: torch.dtype | None,
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     targets = flat_labels.index_select(0, rows)
     if chunk_size is None:
-        chunk_size = max(16, _AUTO_CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk_size = max(_MIN_AUTO_CHUNK, _AUTO_CHUNK_ELEMENTS // head.weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
     compute_dtype = dtype or head.weight.dtype
@@ -136,9 +139,7 @@ def _config_transform(model: nn.Module) -> LogitTransform:
 def _verified_transform(model: nn.Module, decoder: nn.Module, head: nn.Module, batch: Batch) -> LogitTransform:
     """The config's logit transform, after checking body + head + transform against the model's own logits."""
     transform = _config_transform(model)
-    ids = batch["input_ids"][:1, :_PROBE_TOKENS]
-    mask = batch.get("attention_mask")
-    probe = {"input_ids": ids, "attention_mask": None if mask is None else mask[:1, :_PROBE_TOKENS]}
+    probe = {"input_ids": batch["input_ids"][:1, :_PROBE_TOKENS]}  # a few tokens, no padding: a cheap check
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout, so both computations see the same network
     try:
