@@ -22,7 +22,7 @@ from transformers import (
 
 from tunelab.errors import ModelError
 from tunelab.methods import LoRA
-from tunelab.train.loop import forward_loss_sum
+from tunelab.train.loop import full_logits_loss_sum as forward_loss_sum  # the plain reference
 from tunelab.train.loss import chunked_loss_sum
 
 V = 1000  # a vocabulary no other dimension equals, so a tensor with last dim V is a block of logits

@@ -29,6 +29,7 @@ from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import Resume, set_rng_state
 from tunelab.train.distributed import Dist, shard_rows, sum_across, sum_gradients
 from tunelab.train.events import EventLog, LiveView
+from tunelab.train.loss import chunked_loss_sum
 
 Batch = dict[str, torch.Tensor]
 SINGLE = Dist()  # one process
@@ -78,12 +79,20 @@ def count_loss_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def forward_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtype | None) -> torch.Tensor:
-    """Forward one micro-batch and return its summed token loss."""
+def full_logits_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtype | None) -> torch.Tensor:
+    """The plain way, kept as the reference the chunked loss is tested against: full logits, then the loss."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     return token_loss_sum(logits, batch["labels"])
+
+
+def forward_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtype | None) -> torch.Tensor:
+    """Forward one micro-batch and return its summed token loss, never holding its full logits.
+
+    The head and the cross-entropy run in chunks over the positions that carry a loss (`loss.py`).
+    """
+    return chunked_loss_sum(model, batch, dtype)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainSection) -> torch.optim.AdamW:
