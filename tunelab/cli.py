@@ -153,7 +153,7 @@ def show_eval_results(results: dict, details: bool = True) -> None:
                 r = m["tasks"][name]
                 table = Table(title=f"{m['label']} · {name}: accuracy per subject")
                 table.add_column("subject", no_wrap=True, max_width=40)
-                for col in ("n", "letter", "loglik", "loglik norm"):
+                for col in ("n", "letter", "loglik", "ll norm"):
                     table.add_column(col, justify="right", no_wrap=True)
                 for subject, row in r["subjects"].items():
                     table.add_row(subject, str(row["questions"]),
