@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_lora import IDS, logits, tiny
+from test_peft_interop import max_diff, peft_load
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tunelab.config import FinetuneConfig, MethodSection, validate
 from tunelab.methods import DoRA, DoRALinear, build_method, load_adapter
@@ -19,30 +19,16 @@ from tunelab.serve.generate import load_tuned
 from tunelab.train.finetune import example_loss, prepare_sft_data, run_finetune
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Could not find a config file"),
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")]
-IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-def tiny(arch: str = "llama", seed: int = 0) -> nn.Module:
-    """A 2-layer model (hidden 64, 4 query heads, 2 KV heads) in eval mode; Qwen2 has q/k/v biases."""
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=False)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**kw)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
 
 
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
 
 
 def randomize(method: DoRA, seed: int = 0) -> None:
@@ -56,14 +42,6 @@ def randomize(method: DoRA, seed: int = 0) -> None:
             m.mul_(0.5 + torch.rand(m.shape, generator=g))
 
 
-def peft_load(base: nn.Module, adapter_dir) -> nn.Module:
-    """PeftModel.from_pretrained, failing on PEFT's 'missing adapter keys' warning (a silently inactive adapter)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    problems = [str(w.message) for w in caught if "adapter keys" in str(w.message) or "unexpected" in str(w.message)]
-    assert not problems, problems
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
