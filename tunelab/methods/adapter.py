@@ -26,21 +26,18 @@ does not (its AdaptionPrompt has a scalar gate).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.io import atomic_dir
-from tunelab.methods.base import Method
+from tunelab.methods.base import CONFIG_NAME, WEIGHTS_NAME, Method, write_adapter_dir
 
 PEFT_TYPE = "TUNELAB_ADAPTION_PROMPT"
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -212,13 +209,7 @@ class Adapter(Method):
         config = {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
                   "adapter_len": self.prompt_len, "adapter_layers": len(self.layers),
                   "modules": list(self.layers), "gate": "tanh, one per attention head", "inference_mode": True}
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        return Path(out_dir)
+        return write_adapter_dir(out_dir, config, self.state_dict(), tokenizer)
 
     def _require_model(self) -> nn.Module:
         if self.model is None:

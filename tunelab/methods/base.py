@@ -7,12 +7,18 @@ Afterwards the method saves itself (`save`), or is folded into the base weights 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+from tunelab.io import atomic_dir
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
 class Method(ABC):
@@ -64,3 +70,15 @@ class Method(ABC):
         (e.g. LoRA-Dash's switch and what its SVDs cost). Methods never write events themselves.
         """
         return None
+
+
+def write_adapter_dir(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      tokenizer=None) -> Path:
+    """Write an adapter directory atomically: `adapter_config.json`, `adapter_model.safetensors`[, tokenizer]."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -23,15 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.io import atomic_dir
+from tunelab.methods.base import CONFIG_NAME, WEIGHTS_NAME, write_adapter_dir
 from tunelab.methods.dora import MAGNITUDE, DoRA
 from tunelab.methods.lora import LoRA
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
@@ -96,14 +94,8 @@ def save_lora_adapter(method: LoRA, out_dir: str | Path, base_model_path: str | 
         "init_lora_weights": True if method.init == "kaiming" else "gaussian",
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     } | config_updates
-    tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone()
-               for k, v in (method.state_dict() if tensors is None else tensors).items()}
-    with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    tensors = {PREFIX + k: v for k, v in (method.state_dict() if tensors is None else tensors).items()}
+    return write_adapter_dir(out_dir, config, tensors, tokenizer)
 
 
 def load_lora_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> LoRA:
