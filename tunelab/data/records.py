@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.data.text import read_text_file
 from tunelab.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -122,12 +123,7 @@ def _records(f: Path) -> Iterator[tuple[object, str]]:
     if f.suffix == ".parquet":
         yield from _parquet_records(f)
         return
-    try:
-        text = f.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{f}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
+    text = read_text_file(f)
     if f.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():

@@ -43,12 +43,7 @@ def read_documents(path: str | Path, text_key: str = "text") -> list[str]:
 
 
 def _read_file(f: Path, text_key: str) -> list[str]:
-    try:
-        text = f.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{f}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
+    text = read_text_file(f)
     if f.suffix == ".jsonl":
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -80,3 +75,13 @@ def _text_of(item: object, text_key: str, where: str) -> str:
     keys = ", ".join(item) if isinstance(item, dict) else type(item).__name__
     raise DataError(f"{where}: no text under key '{text_key}' (found: {keys}); "
                     f"set the source's text_key to the key that holds the text")
+
+
+def read_text_file(f: Path) -> str:
+    """The file's text (UTF-8, a byte-order mark ignored), or a DataError naming it and the fix."""
+    try:
+        return f.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
