@@ -103,9 +103,10 @@ class PretrainConfig(Section):
 
 class MethodSection(Section):
     """How to fine-tune: `lora` (low-rank adapters on the target linear layers), `full` (every weight),
-    `lora-dash` (LoRA, then s task-specific directions), `dora` (LoRA + magnitudes) or `adapter` (LLaMA-Adapter)."""
+    `lora-dash` (LoRA, then s task-specific directions), `dora` (LoRA + magnitudes), `adapter` (LLaMA-Adapter) or
+    `qtha` (MPO + simulated quantum circuit branch; `dropout` and `target_modules` apply to it too)."""
 
-    name: Literal["lora", "full", "lora-dash", "dora", "adapter"] = "lora"
+    name: Literal["lora", "full", "lora-dash", "dora", "adapter", "qtha"] = "lora"
     r: int = Field(8, ge=1)  # LoRA rank
     alpha: float = Field(16.0, gt=0)  # scaling = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = Field(0.05, ge=0, lt=1)  # on the input of the LoRA branch only
@@ -122,6 +123,17 @@ class MethodSection(Section):
 
 
 class SFTData(Section):
+    qtha_qubits: int = Field(8, ge=1, le=12)  # qtha: qubits n of the circuit (its cost grows as 4^n)
+    qtha_depth: int = Field(2, ge=1)  # qtha: L layers of rotations + a CNOT ring
+    qtha_rotations: list[Literal["ry", "rz", "rx"]] = Field(["ry"], min_length=1)  # qtha: each layer's, in order
+    qtha_cores: int = Field(3, ge=1)  # qtha: MPO cores (each dimension split into this many factors)
+    # qtha: MPO bond dimension; null: per module the largest (<= 64) within qtha_budget x LoRA r=8's parameters
+    qtha_bond: int | None = Field(None, ge=1)
+    qtha_budget: float = Field(0.24, gt=0)  # qtha: with qtha_bond null, the share of LoRA r=8's parameters
+    qtha_scale: float = Field(1.0, gt=0)  # qtha: s in y = W x + s * delta(x)
+    # qtha: exact (autograd), parameter-shift (hardware-style gradients) or shots (sampled expectations)
+    qtha_mode: Literal["exact", "parameter-shift", "shots"] = "exact"
+    qtha_shots: int = Field(1000, ge=1)  # qtha: measurements per circuit in shots mode
     """Instruction / chat data: files in Alpaca, messages, ShareGPT or plain-text form (detected)."""
 
     train: list[str] = Field(min_length=1)  # files, directories or globs (.jsonl, .json, .csv, .parquet)

@@ -2,8 +2,9 @@
 
 Implemented: `lora` (LoRA / rsLoRA on linear layers, `lora.py`), `full` (every weight, `full.py`), `lora-dash`
 (LoRA, then trained task-specific directions, `lora_dash.py`), `dora` (magnitude and direction, `dora.py`) and
-`adapter` (LLaMA-Adapter's gated adaption prompts, `adapter.py`). LoRA, DoRA and LoRA-Dash adapters are written in
-the HF PEFT format (`peft_io.py`; LoRA-Dash as the equivalent rank-(r+s) LoRA); LLaMA-Adapter has its own format.
+`adapter` (LLaMA-Adapter's gated adaption prompts, `adapter.py`) and `qtha` (an MPO + simulated quantum circuit branch,
+`qtha.py` with `tensor_train.py` and `quantum.py`). LoRA, DoRA and LoRA-Dash adapters are written in the HF PEFT
+format (`peft_io.py`; LoRA-Dash as the equivalent rank-(r+s) LoRA); LLaMA-Adapter and QTHA have their own formats.
 This package never imports `tunelab.train` or `tunelab.cli`.
 """
 
@@ -23,13 +24,16 @@ from tunelab.methods.full import Full
 from tunelab.methods.lora import LoRA, LoRALinear
 from tunelab.methods.lora_dash import LoRADash, LoRADashLinear
 from tunelab.methods.peft_io import is_adapter_dir, load_lora_adapter, read_adapter_config, save_lora_adapter
+from tunelab.methods.qtha import PEFT_TYPE as QTHA_TYPE
+from tunelab.methods.qtha import QTHA, QTHALinear
+from tunelab.methods.qtha import load_adapter_dir as load_qtha_dir
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSection
 
 __all__ = ["Adapter", "AdaptionPromptAttention", "DoRA", "DoRALinear", "Full", "LoRA", "LoRADash", "LoRADashLinear",
-           "LoRALinear", "Method", "build_method", "is_adapter_dir", "load_adapter", "load_lora_adapter",
-           "read_adapter_config", "save_lora_adapter"]
+           "LoRALinear", "Method", "QTHA", "QTHALinear", "build_method", "is_adapter_dir", "load_adapter",
+           "load_lora_adapter", "read_adapter_config", "save_lora_adapter"]
 
 
 def build_method(cfg: MethodSection) -> Method:
@@ -48,15 +52,21 @@ def build_method(cfg: MethodSection) -> Method:
                     target_modules=cfg.target_modules, init=cfg.init)
     if cfg.name == "adapter":
         return Adapter(prompt_len=cfg.adapter_prompt_len, layers=cfg.adapter_layers)
-    raise ConfigError(f"method.name: unknown method {cfg.name!r}; choose lora, full, lora-dash, dora or adapter")
+    if cfg.name == "qtha":
+        return QTHA(qubits=cfg.qtha_qubits, depth=cfg.qtha_depth, bond=cfg.qtha_bond, budget=cfg.qtha_budget,
+                    cores=cfg.qtha_cores, rotations=cfg.qtha_rotations, scale=cfg.qtha_scale, dropout=cfg.dropout,
+                    target_modules=cfg.target_modules, mode=cfg.qtha_mode, shots=cfg.qtha_shots)
+    raise ConfigError(f"method.name: unknown method {cfg.name!r}; choose lora, full, lora-dash, dora, adapter or qtha")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
     """Inject the adapter saved in `adapter_dir` into `model` with its weights; return the method.
 
-    PEFT LoRA / DoRA adapters (LoRA-Dash exports are plain LoRA) and tunelab's LLaMA-Adapter directories.
+    PEFT LoRA / DoRA adapters (LoRA-Dash exports are plain LoRA) and tunelab's LLaMA-Adapter and QTHA directories.
     """
     cfg = read_adapter_config(adapter_dir)
     if cfg.get("peft_type") == ADAPTION_PROMPT_TYPE:
         return load_adapter_dir(model, adapter_dir, cfg)
+    if cfg.get("peft_type") == QTHA_TYPE:
+        return load_qtha_dir(model, adapter_dir, cfg)
     return load_lora_adapter(model, adapter_dir)
