@@ -181,6 +181,58 @@ def show_eval_results(results: dict, details: bool = True) -> None:
     console.print(f"results: {results['results_path']}, report: {results['report_path']}", highlight=False)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tunelab.config import CompareConfig, load_config
+
+    cfg = load_config(CompareConfig, args.config, args.overrides)  # a bad recipe fails before torch is imported
+    from tunelab.compare import run_compare
+
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    results = run_compare(cfg, only=only, rerun=args.rerun, source=args.config,
+                          log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    show_compare_results(results)
+    return 1 if results["failed"] else 0
+
+
+def show_compare_results(results: dict) -> None:
+    """The comparison table, the winner and where the files are; failed methods with their errors."""
+    from rich.markup import escape
+
+    from tunelab.compare import winner_sentence
+
+    rows = results["methods"]
+    has_acc = any(r.get("accuracy") is not None for r in rows)
+    table = Table(title=f"comparison: {results['name']} ({results['budget']['steps']} steps x "
+                        f"{results['budget']['examples_per_step']} examples each)")
+    for col in ["label", "method", "lr", "trainable", "train loss", "eval loss"] + (["accuracy"] if has_acc else []) \
+            + ["tokens/s", "peak MB", "total s", "status"]:
+        table.add_column(col, justify="left" if col in ("label", "method", "status") else "right",
+                         overflow="fold")
+    for r in rows:
+        lr = f"{r['lr']:g}" + (" *" if "lr" in r["train_overrides"] else "") if r.get("lr") is not None else ""
+        method = escape(r["method"])
+        if r["status"] != "ok":
+            table.add_row(r["label"], method, lr, *[""] * (7 if has_acc else 6), "failed", style="red")
+            continue
+        table.add_row(r["label"], method, lr, f"{r['trainable_parameters']:,}",
+                      f"{r['final_train_loss']:.4f}",
+                      f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "",
+                      *([f"{100 * r['accuracy']:.1f}%"] if has_acc else []),
+                      f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:,.0f}", f"{r['wall_s']:.0f}",
+                      "reused" if r.get("reused") else "ok")
+    (console if console.is_terminal else Console(width=160)).print(table)  # a log file gets the whole table
+    console.print(winner_sentence(results), highlight=False, markup=False, soft_wrap=True)
+    if any(r["train_overrides"] for r in rows):
+        console.print("* per-method train override (changes the comparison)", highlight=False)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        console.print(f"{len(failed)} of {len(rows)} method(s) failed:", highlight=False)
+        for r in failed:
+            console.print(f"  {r['label']}: {r['error']}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"results: {results['results_path']}, {results['csv_path']}; report: {results['report_path']} "
+                  f"({results['wall_s']:.0f}s)", highlight=False, markup=False, soft_wrap=True)
+
+
 def _load_for_generation(args: argparse.Namespace):
     from tunelab.data.chat import chat_template_for
     from tunelab.serve.generate import load_tuned
@@ -339,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a task with default settings, e.g. choice:../shared/data/cmmlu (repeatable)")
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint for every judge task, e.g. http://127.0.0.1:8000/v1")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="fine-tune several methods on the same base, data and budget; one report")
+    p.add_argument("config", help="YAML recipe with methods:, e.g. examples/compare_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 methods.1.r=16")
+    p.add_argument("--only", metavar="LABELS", help="compare only these methods (comma-separated labels)")
+    p.add_argument("--rerun", action="store_true",
+                   help="retrain the methods even when a finished run of the same settings exists (a base made "
+                        "by pretrain: is still reused; delete <out_dir>/<name>/base to remake it)")
+    p.set_defaults(func=_cmd_compare)
 
     for name, help_text in (("generate", "complete prompts with a model (optionally + adapter)"),
                             ("chat", "talk to a model (optionally + adapter) in the terminal")):

@@ -120,9 +120,6 @@ class MethodSection(Section):
     dash_directions: int = Field(8, ge=1)  # lora-dash: directions s trained per layer after the switch
     adapter_prompt_len: int = Field(10, ge=1)  # adapter: prompt tokens K per adapted layer
     adapter_layers: int | None = Field(None, ge=1)  # adapter: the top L layers get prompts; null: every layer
-
-
-class SFTData(Section):
     qtha_qubits: int = Field(8, ge=1, le=12)  # qtha: qubits n of the circuit (its cost grows as 4^n)
     qtha_depth: int = Field(2, ge=1)  # qtha: L layers of rotations + a CNOT ring
     qtha_rotations: list[Literal["ry", "rz", "rx"]] = Field(["ry"], min_length=1)  # qtha: each layer's, in order
@@ -134,6 +131,9 @@ class SFTData(Section):
     # qtha: exact (autograd), parameter-shift (hardware-style gradients) or shots (sampled expectations)
     qtha_mode: Literal["exact", "parameter-shift", "shots"] = "exact"
     qtha_shots: int = Field(1000, ge=1)  # qtha: measurements per circuit in shots mode
+
+
+class SFTData(Section):
     """Instruction / chat data: files in Alpaca, messages, ShareGPT or plain-text form (detected)."""
 
     train: list[str] = Field(min_length=1)  # files, directories or globs (.jsonl, .json, .csv, .parquet)
@@ -287,6 +287,75 @@ class EvalConfig(Section):
     models: list[str] = []  # "dir" or "label=dir"; a dir may be an adapter; --models overrides
     precision: Precision = "auto"  # auto: bf16 on a GPU that supports it, fp32 on CPU
     tasks: list[EvalTask] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `tunelab compare`: several methods on one base model, data, budget and seed (see tunelab/compare.py)
+
+
+class CompareMethod(Section):
+    """One entry of `methods:`: a `label`, the keys of a fine-tuning recipe's `method:` section (name, r, ...)
+    and optional `train:` overrides (e.g. lr). The method keys are checked when the comparison starts; a bad
+    entry fails that method only and the others still run."""
+
+    model_config = ConfigDict(extra="allow")  # the method's settings, validated per entry as a MethodSection
+    label: RunName  # the method's row and its run directory, <out_dir>/<name>/runs/<label>/
+    train: dict[str, Any] = {}  # train keys that differ for this method (never the budget: steps, epochs, batch)
+
+
+class ComparePretrain(Section):
+    """Make the base model first: a byte-level BPE tokenizer and a `preset` pretrained on the text of the
+    training examples (the held-out examples excluded); run once and reused while it and the data are unchanged."""
+
+    preset: Literal["micro", "tiny", "small"] = "tiny"
+    arch: Literal["llama", "qwen2"] = "llama"
+    vocab_size: int = Field(8000, ge=300)
+    split_cjk: bool = True  # at most one Chinese/Japanese/Korean character per token (small corpora)
+    seq_len: int = Field(256, ge=8)
+    eval_fraction: float = Field(0.02, ge=0, lt=1)  # of the pretraining text, for pretraining's own eval loss
+    train: TrainSection = TrainSection()
+
+
+class CompareConfig(Section):
+    """`tunelab compare`: fine-tune several methods on the same base, data, budget and seed; one table."""
+
+    name: RunName = "compare"
+    seed: int = Field(0, ge=0)
+    out_dir: str = "runs"  # writes <out_dir>/<name>/results.json, results.csv, report.html and runs/<label>/
+    model: ModelSection | None = None  # model.base: the local model every method starts from
+    pretrain: ComparePretrain | None = None  # or: make that model first (instead of model:)
+    data: SFTData
+    train: FinetuneTrain = FinetuneTrain()  # shared by every method: the same steps, batch and max_len
+    methods: list[CompareMethod] = Field(min_length=1)
+    baseline: str | None = None  # label the tokens/s and memory ratios are relative to; default: the first
+    eval: GenerationTask | None = None  # held-out prompts with answers: strict accuracy of each tuned model
+    final_loss_steps: int | None = Field(None, ge=1)  # final train loss = mean of the last N steps (default 10%)
+    smooth_steps: int | None = Field(None, ge=1)  # moving average of the plotted loss curves (default steps/25)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_is_generation(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("eval"), dict) and "type" not in data["eval"]:
+            data = {**data, "eval": {"type": "generation", **data["eval"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        if (self.model is None) == (self.pretrain is None):
+            raise ValueError("set exactly one of model.base (the local model every method starts from) or a "
+                             "pretrain: section (make that model first from the training data)")
+        if self.model is not None and self.model.base is None:
+            raise ValueError("model.preset: a comparison fine-tunes an existing model; set model.base to a local "
+                             "HF model directory, or replace model: by a pretrain: section")
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.methods):
+            if m.label in seen:
+                raise ValueError(f"methods.{i}.label: {m.label!r} is also the label of methods.{seen[m.label]}; "
+                                 f"give each method its own label")
+            seen[m.label] = i
+        if self.baseline is not None and self.baseline not in seen:
+            raise ValueError(f"baseline: {self.baseline!r} is not a method label; use one of {', '.join(seen)}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------
