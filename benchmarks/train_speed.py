@@ -319,6 +319,7 @@ def run(args) -> dict:
           f"{args.intermediate}, vocab {args.vocab}{' (tied)' if args.tie else ''}; batch {args.batch} x seq "
           f"{args.seq}, {args.masked_fraction:.0%} of positions without loss; LoRA r={args.rank} "
           f"alpha={args.alpha:g} on every linear but the head")
+    load_before = os.getloadavg()[0]  # other jobs on the machine: the speed figures depend on them
     peak_before = matmul_peak(device, dtype)
     contenders = [BUILDERS[name](args, device, dtype) for name in CONTENDERS]
     n_lora = [sum(p.numel() for p in c.model.parameters() if p.requires_grad) for c in contenders]
@@ -347,6 +348,7 @@ def run(args) -> dict:
     res: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child", "argv")},
                  "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
                  "matmul_peak_tflops": peak_flops / 1e12, "lora_parameters": n_lora[0],
+                 "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                  "model_gflop_per_step": model_flops / 1e9}
     for c in contenders:
         wall, cpu = statistics.median(c.wall), statistics.median(c.cpu)
@@ -396,7 +398,9 @@ def report(res: dict) -> None:
     print("  tokens/s ratio: median over rounds of the per-round ratio (best step: ratio of the best steps)")
     print(f"* model work = the baseline's counted {res['model_gflop_per_step']:.1f} GFLOP per step, divided by each "
           f"contender's median step time; matmul peak measured now: {res['matmul_peak_tflops']:.3f} TFLOP/s")
-    print(f"{res['lora_parameters']:,} LoRA parameters in each contender")
+    print(f"{res['lora_parameters']:,} LoRA parameters in each contender; 1-minute load average "
+          f"{res['load_average_1min'][0]:.2f} before the speed runs, {res['load_average_1min'][1]:.2f} after, on "
+          f"{os.cpu_count()} CPUs")
     print(f"loss agreement: first step |tunelab - baseline| = {res['loss_diff_first_step']:.2e}, "
           f"largest over all steps {res['loss_diff_max']:.2e}")
 

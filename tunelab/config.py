@@ -88,6 +88,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1)  # the last k complete checkpoints are kept
     resume: bool | Literal["auto"] = False  # true: continue from the last checkpoint; auto: if there is one
     resume_force: bool = False  # resume even when the recipe or the data changed since the checkpoint
+    # under torchrun: ddp (every process holds the whole model; gradients summed) or fsdp (FSDP2: parameters,
+    # gradients and optimizer state sharded across the processes); one process ignores it
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 class PretrainConfig(Section):

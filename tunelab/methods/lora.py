@@ -56,10 +56,16 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return self.base_layer(x)
+        # W x + b + s · B A dropout(x), with B's matmul adding its product, scaled by s (addmm's alpha), into the
+        # frozen layer's output in place: no [tokens, out_features] temporaries for the product, the scaling or the
+        # sum, forward or backward. That output is a fresh [tokens, out_features] matrix (the frozen layer runs on
+        # x's rows) which its own backward does not need.
+        out = self.base_layer(x.reshape(-1, x.shape[-1]))
+        h = self.lora_A(self.lora_dropout(x))
+        out.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), self.lora_B.weight.t().to(out.dtype), alpha=self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A in fp32, shaped like the base weight."""

@@ -33,11 +33,13 @@ from safetensors.torch import load_file, save_file
 from tunelab import __version__
 from tunelab.errors import TunelabError
 from tunelab.io import atomic_write_json, atomic_write_text
+from tunelab.train.distributed import full_optimizer_state, full_state
 
 # Keys that may differ between the run and its resume without changing what is computed (a run directory
 # may be moved or renamed).
+# A checkpoint holds full tensors under `train.distributed` ddp and fsdp alike, so either may resume the other.
 FREE_KEYS = ("out_dir", "name", "train.resume", "train.resume_force", "train.log_every", "train.save_every",
-             "train.keep_checkpoints")
+             "train.keep_checkpoints", "train.distributed")
 
 
 @dataclass
@@ -113,7 +115,12 @@ class Checkpointer:
 
     def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
              losses: list[float], tokens: int, wall_s: float, epoch_info: dict[str, Any] | None = None) -> Path:
-        """Write checkpoint `step` (rank 0 writes the shared files, every rank its random states)."""
+        """Write checkpoint `step` (rank 0 writes the shared files, every rank its random states).
+
+        Every rank calls it: FSDP-sharded tensors are gathered first (one full tensor at a time, to CPU).
+        """
+        main = self.rank == 0
+        trainable, optimizer_state = full_state(trainable, main), full_optimizer_state(optimizer, main)
         final = self.dir / f"step-{step:06d}"
         tmp = self.dir / f".step-{step:06d}.tmp"
         if self.rank == 0:
@@ -125,7 +132,7 @@ class Checkpointer:
         if self.rank == 0:
             save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
                       str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             state = {"step": step, "world_size": self.world_size, "losses": losses, "tokens": tokens,
                      "wall_s": wall_s, "data_position": {"step": step, **(epoch_info or {})},
                      "config": self.config, "data": self.data, "versions": versions()}

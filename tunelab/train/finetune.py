@@ -6,7 +6,9 @@ the last assistant turn or everything, masks derived from the tokenizer's own ch
 (`tunelab/data/chat.py`); LoRA, LoRA-Dash, DoRA, LLaMA-Adapter or full fine-tuning (`tunelab/methods/`; an
 event a method's `on_step` returns, e.g. LoRA-Dash's switch, goes to events.jsonl). Examples are shuffled once per
 epoch from the seed and padded to the longest of each micro-batch; a step's micro-batches are a pure
-function of the step number. Not here (yet): packing of short examples, resume from checkpoints.
+function of the step number, so a run resumes from its checkpoints exactly (`checkpoint.py`). Under torchrun it
+runs data-parallel, replicated or sharded by FSDP2 (`train.distributed`, `distributed.py`; not LoRA-Dash with FSDP).
+Not here (yet): packing of short examples.
 
 Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.json`, `summary.json` and
 `adapter/` (a PEFT LoRA / DoRA adapter directory, or tunelab's LLaMA-Adapter one) or `model/` (full: a HF model
@@ -29,12 +31,20 @@ from tunelab.config import FinetuneConfig, dump_config
 from tunelab.data.chat import Encoded, chat_template_for, encode_example
 from tunelab.data.lint import format_lint, lint_examples
 from tunelab.data.records import Example, read_examples
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import build_method
 from tunelab.models import count_parameters, load_model, load_tokenizer
 from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume
-from tunelab.train.distributed import broadcast_parameters, cleanup, init_distributed
+from tunelab.train.distributed import (
+    broadcast_parameters,
+    check_fsdp,
+    cleanup,
+    full_parameters,
+    init_distributed,
+    shard_model,
+    uses_fsdp,
+)
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
@@ -149,7 +159,14 @@ def resolve_steps(cfg: FinetuneConfig, n_examples: int) -> int:
 
 def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None) -> dict[str, Any]:
     """Run (or resume) a whole fine-tuning job; returns (and writes) its summary."""
+    if cfg.train.distributed == "fsdp" and cfg.method.name == "lora-dash":
+        raise ConfigError("train.distributed=fsdp: method lora-dash cannot be sharded (its switch takes the SVD of "
+                          "every full frozen weight, which FSDP keeps split across the processes); set "
+                          "train.distributed=ddp, or use method lora or dora")
     dist = init_distributed()
+    fsdp = uses_fsdp(cfg.train.distributed, dist)
+    if fsdp:
+        check_fsdp(device or dist.device)
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.base)
     model = load_model(cfg.model.base)
@@ -159,11 +176,13 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
     torch.manual_seed(cfg.seed)  # the adapter's initialisation, dropout
     method = build_method(cfg.method)
     method.inject(model)
-    model.to(device or dist.device)
+    if not fsdp:  # FSDP moves each shard to the device as it shards the model
+        model.to(device or dist.device)
     config = dump_config(cfg)
     resume, saver = prepare_resume(run_dir, t, config, fingerprint(cfg.data.train + cfg.data.eval), method,
                                    dist.rank, dist.world_size)
     broadcast_parameters(method.trainable_parameters(), dist)
+    net = shard_model(model, dist, device or dist.device) if fsdp else model  # what trains and evaluates
     view = view or LiveView(steps, t.log_every, quiet=not dist.is_main)
     n_total, n_train = count_parameters(model), method.num_parameters()
     view.note(f"model: {cfg.model.base}, {n_total / 1e6:.2f}M parameters; method {cfg.method.name}: "
@@ -172,13 +191,14 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         view.note(line)
     view.note(f"{steps} steps x {t.micro_batch_size * t.grad_accum} examples "
               f"({steps * t.micro_batch_size * t.grad_accum / len(data.train):.2f} epochs of {len(data.train)})"
-              + (f" on {dist.world_size} processes" if dist.world_size > 1 else ""))
+              + (f" on {dist.world_size} processes" if dist.world_size > 1 else "")
+              + (", parameters sharded (FSDP)" if fsdp else ""))
     if resume is not None:
         view.note(f"resuming from {resume.path} (step {resume.step} of {steps})")
     pad_id = tokenizer.pad_token_id
 
     def evaluate() -> dict[str, float]:
-        return example_loss(model, data.eval, t.micro_batch_size, t.eval_batches, pad_id, t.precision)
+        return example_loss(net, data.eval, t.micro_batch_size, t.eval_batches, pad_id, t.precision)
 
     has_eval = bool(data.eval)
     per_step, n = t.micro_batch_size * t.grad_accum, len(data.train)
@@ -196,7 +216,7 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
                               parameters=n_total, trainable_parameters=n_train, steps=steps, lint=data.lint)
         started = time.time()
-        result = train(model, method.trainable_parameters(),
+        result = train(net, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
                        evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps, position),
                        resume, method_hook(method, events, view, dist), dist)
@@ -212,11 +232,12 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
             "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
             "peak_memory_mb": round(result.peak_memory_mb, 1), "resumed_from_step": resume.step if resume else None,
         }
-        if dist.is_main:
-            tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
-            method.save(summary["output_dir"], base_model_path=str(Path(cfg.model.base).resolve()),
-                        tokenizer=tokenizer)
-            events.write("end", **summary)
+        with full_parameters(net, dist, frozen=cfg.method.name == "full"):  # FSDP: full tensors on rank 0
+            if dist.is_main:
+                tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
+                method.save(summary["output_dir"], base_model_path=str(Path(cfg.model.base).resolve()),
+                            tokenizer=tokenizer)
+                events.write("end", **summary)
     if dist.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
     cleanup(dist)

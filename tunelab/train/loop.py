@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from tunelab.config import TrainSection
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import Resume, set_rng_state
-from tunelab.train.distributed import Dist, shard_rows, sum_across, sum_gradients
+from tunelab.train.distributed import (
+    Dist,
+    ShardedLM,
+    full_value,
+    shard_optimizer_state,
+    shard_rows,
+    sum_across,
+    sum_gradients,
+)
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loss import chunked_loss_sum
 
@@ -90,8 +98,11 @@ def full_logits_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtyp
 def forward_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtype | None) -> torch.Tensor:
     """Forward one micro-batch and return its summed token loss, never holding its full logits.
 
-    The head and the cross-entropy run in chunks over the positions that carry a loss (`loss.py`).
+    The head and the cross-entropy run in chunks over the positions that carry a loss (`loss.py`). A model
+    sharded by FSDP (`distributed.ShardedLM`) runs the same loss as its forward, inside FSDP's hooks.
     """
+    if isinstance(model, ShardedLM):
+        return model(batch, dtype)
     return chunked_loss_sum(model, batch, dtype)
 
 
@@ -121,7 +132,8 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
     `resume` continues a checkpointed run: its optimizer state, random states, losses and step (the stage
     has already loaded the trainable weights). `checkpoint(step, optimizer, result)` is called when
     `cfg.save_every` says and after the last step. `on_step(step)` is the method's hook after each step.
-    Under torchrun every process takes its rows of each micro-batch (see `distributed.py`).
+    Under torchrun every process takes its rows of each micro-batch (see `distributed.py`); under FSDP `model` is
+    the `ShardedLM` and `params` its sharded trainable parameters.
     """
     device = next(model.parameters()).device
     dtype = autocast_dtype(cfg.precision, device)
@@ -130,6 +142,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
     start = 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
+        shard_optimizer_state(optimizer)  # FSDP: a checkpoint holds full tensors; keep this process's shards
         result = LoopResult(losses=list(resume.losses), tokens=resume.tokens, wall_s=resume.wall_s)
         start = resume.step
         if resume.rng is not None:
@@ -152,7 +165,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
                 loss_sum += loss.item()
             sum_gradients(params, dist)
             loss_sum = sum_across(loss_sum, dist)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                 raise TunelabError(f"step {step + 1}: the loss or gradient is not finite (loss {loss_sum}, "
                                    f"grad norm {float(grad_norm)}); lower train.lr (now {cfg.lr}) or use "

@@ -26,7 +26,7 @@ from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import Full
 from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
 from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume
-from tunelab.train.distributed import cleanup, init_distributed
+from tunelab.train.distributed import check_fsdp, cleanup, full_parameters, init_distributed, shard_model, uses_fsdp
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
 
@@ -136,23 +136,29 @@ def build_model(cfg: PretrainConfig):
 def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole pretraining job; returns (and writes) its summary."""
     dist = init_distributed()
+    fsdp = uses_fsdp(cfg.train.distributed, dist)
+    if fsdp:
+        check_fsdp(device or dist.device)
     run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
     model, tokenizer = build_model(cfg)
     data = prepare_data(cfg, tokenizer)
-    model.to(device or dist.device)
+    if not fsdp:  # FSDP moves each shard to the device as it shards the model
+        model.to(device or dist.device)
     method = Full()  # every weight trains; the method gives checkpoints their tensors
     method.inject(model)
     config = dump_config(cfg)
     sources = [s.path for s in cfg.data.sources] + list(cfg.data.eval_paths)
     resume, saver = prepare_resume(run_dir, cfg.train, config, fingerprint(sources), method, dist.rank,
                                    dist.world_size)
+    net = shard_model(model, dist, device or dist.device) if fsdp else model  # what trains and evaluates
     t = cfg.train
     view = LiveView(t.steps, t.log_every, quiet=not dist.is_main)
     n_params = count_parameters(model)
     view.note(f"model: {cfg.model.base or f'{cfg.model.preset} {cfg.model.arch}'}, {n_params / 1e6:.2f}M "
               f"parameters, vocab {len(tokenizer)}; seq_len {cfg.data.seq_len}, "
               f"{t.steps} steps x {t.micro_batch_size * t.grad_accum} blocks"
-              + (f" on {dist.world_size} processes" if dist.world_size > 1 else ""))
+              + (f" on {dist.world_size} processes" if dist.world_size > 1 else "")
+              + (", parameters sharded (FSDP)" if fsdp else ""))
     for r in data.report:
         view.note(f"source {r['path']}: {r['documents']} docs, {r['tokens']:,} tokens, {r['blocks']} blocks, "
                   f"packing {r['packing_efficiency']:.2%}, weight {r['weight']:.2f} -> share {r['share']:.2f}, "
@@ -163,7 +169,7 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
         view.note(f"resuming from {resume.path} (step {resume.step} of {t.steps})")
 
     def evaluate() -> dict[str, float]:
-        return block_loss(model, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
+        return block_loss(net, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
 
     has_eval = len(data.eval_blocks) > 0
     if dist.is_main:
@@ -175,7 +181,7 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
                               parameters=n_params, sources=data.report)
         started = time.time()
-        result = train(model, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
+        result = train(net, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
                        t, events, evaluate if has_eval else None, view,
                        checkpoint_callback(saver, method, t.steps, lambda step: {
                            "blocks_seen": step * t.micro_batch_size * t.grad_accum,
@@ -191,8 +197,10 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
             "peak_memory_mb": round(result.peak_memory_mb, 1), "sources": data.report,
             "resumed_from_step": resume.step if resume else None,
         }
+        with full_parameters(net, dist, frozen=True):  # FSDP: the whole model in full on rank 0
+            if dist.is_main:
+                save_model(model, tokenizer, run_dir / "model")
         if dist.is_main:
-            save_model(model, tokenizer, run_dir / "model")
             events.write("end", **{k: v for k, v in summary.items() if k != "sources"})
     if dist.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
