@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("finetune", help="fine-tune a local model on instruction or chat data (LoRA or full)")
+    p = sub.add_parser("finetune", help="fine-tune a local model on chat or instruction data (LoRA, QTHA, full, ...)")
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. examples/finetune_chat.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.r=16 data.train=[chat.jsonl]")
     _add_resume_flags(p)

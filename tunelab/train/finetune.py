@@ -3,7 +3,7 @@
 Supports: any local HF causal LM as the base (including one written by `tunelab pretrain`); Alpaca,
 messages, ShareGPT and plain-text files (`tunelab/data/records.py`); the loss on assistant tokens only,
 the last assistant turn or everything, masks derived from the tokenizer's own chat template
-(`tunelab/data/chat.py`); LoRA, LoRA-Dash, DoRA, LLaMA-Adapter or full fine-tuning (`tunelab/methods/`; an
+(`tunelab/data/chat.py`); LoRA, LoRA-Dash, DoRA, LLaMA-Adapter, QTHA or full fine-tuning (`tunelab/methods/`; an
 event a method's `on_step` returns, e.g. LoRA-Dash's switch, goes to events.jsonl). Examples are shuffled once per
 epoch from the seed and padded to the longest of each micro-batch; a step's micro-batches are a pure
 function of the step number, so a run resumes from its checkpoints exactly (`checkpoint.py`). Under torchrun it
@@ -11,8 +11,8 @@ runs data-parallel, replicated or sharded by FSDP2 (`train.distributed`, `distri
 Not here (yet): packing of short examples.
 
 Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.json`, `summary.json` and
-`adapter/` (a PEFT LoRA / DoRA adapter directory, or tunelab's LLaMA-Adapter one) or `model/` (full: a HF model
-directory).
+`adapter/` (a PEFT LoRA / DoRA adapter directory, or tunelab's LLaMA-Adapter or QTHA one) or `model/` (full: a HF
+model directory).
 """
 
 from __future__ import annotations
