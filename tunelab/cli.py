@@ -198,7 +198,7 @@ def show_compare_results(results: dict) -> None:
     """The comparison table, the winner and where the files are; failed methods with their errors."""
     from rich.markup import escape
 
-    from tunelab.compare import winner_sentence
+    from tunelab.compare_report import winner_sentence
 
     rows = results["methods"]
     has_acc = any(r.get("accuracy") is not None for r in rows)
