@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import Contender, build_model, make_batches, setup, sync, timed_step, train_cfg  # noqa: E402
+from train_speed import Contender, add_model_args, build_model, make_batches, setup, sync, timed_step, train_cfg  # noqa: E402
 
 from tunelab.methods import QTHA, LoRA, Method  # noqa: E402
 from tunelab.methods.qtha import QTHALinear  # noqa: E402
@@ -47,14 +47,7 @@ from tunelab.train.loss import chunked_loss_sum  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    add_model_args(p)
     p.add_argument("--qubits", type=int, default=8)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--rotations", nargs="+", default=["ry"], choices=["ry", "rz", "rx"])

@@ -85,18 +85,23 @@ CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_registered(sdpa_backward_flop)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape and batch (shared with qtha_speed.py)."""
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--intermediate", type=int, default=1376)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--tie", action="store_true", help="tie the head to the input embeddings")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--tie", action="store_true", help="tie the head to the input embeddings")
     p.add_argument("--masked-fraction", type=float, default=0.0,
                    help="share of each sequence (a prompt prefix) whose labels are -100; 0: every position trains")
     p.add_argument("--rank", type=int, default=8)

@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.methods.base import CONFIG_NAME, WEIGHTS_NAME, Method, write_adapter_dir
+from tunelab.methods.base import CONFIG_NAME, Method, load_adapter_weights, write_adapter_dir
 
 PEFT_TYPE = "TUNELAB_ADAPTION_PROMPT"
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
@@ -227,24 +226,7 @@ def load_adapter_dir(model: nn.Module, adapter_dir: str | Path, cfg: dict[str, A
         method.inject(model)
     except (ConfigError, ModelError) as e:
         raise ModelError(f"{where}: {e}") from None
-    path = d / WEIGHTS_NAME
-    try:
-        if list(method.layers) != cfg.get("modules", list(method.layers)):
-            raise ModelError(f"{where}: the adapter was trained on modules {cfg['modules'][:2]}..., this model's top "
-                             f"{n_layers} layers are {list(method.layers)[:2]}...; load it onto its own base model")
-        if not path.is_file():
-            raise ModelError(f"{d}: no {WEIGHTS_NAME}; the adapter directory is incomplete")
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # a loader boundary: truncated or corrupt files
-            raise ModelError(f"{path}: cannot read the adapter weights ({str(e).splitlines()[0][:200]})") from None
-        try:
-            method.load_state_dict(tensors)
-        except ModelError as e:
-            raise ModelError(f"{path}: {e}") from None
-    except ModelError:
-        method.remove()
-        raise
+    load_adapter_weights(method, d, cfg, f"this model's top {n_layers} layers are")
     return method
 
 

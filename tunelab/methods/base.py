@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunelab.errors import ModelError
 from tunelab.io import atomic_dir
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -82,3 +83,54 @@ def write_adapter_dir(out_dir: str | Path, config: dict[str, Any], tensors: dict
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def load_adapter_weights(method: Method, adapter_dir: str | Path, cfg: dict[str, Any], modules_hint: str) -> None:
+    """Read `adapter_dir`'s weights into `method`, already injected from the config `cfg`.
+
+    The adapted modules must be the config's `modules`. On any error the method is taken out of the model again
+    (`method.remove()`), and a ModelError names the file.
+    """
+    d = Path(adapter_dir)
+    path = d / WEIGHTS_NAME
+    try:
+        modules = list(method.layers)
+        if modules != cfg.get("modules", modules):
+            raise ModelError(f"{d / CONFIG_NAME}: the adapter was trained on modules {cfg['modules'][:2]}..., "
+                             f"{modules_hint} {modules[:2]}...; load it onto its own base model")
+        if not path.is_file():
+            raise ModelError(f"{d}: no {WEIGHTS_NAME}; the adapter directory is incomplete")
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # a loader boundary: truncated or corrupt files
+            raise ModelError(f"{path}: cannot read the adapter weights ({str(e).splitlines()[0][:200]})") from None
+        try:
+            method.load_state_dict(tensors)
+        except ModelError as e:
+            raise ModelError(f"{path}: {e}") from None
+    except ModelError:
+        method.remove()
+        raise
+
+
+class WrappedLinear(nn.Module):
+    """A module that wraps a frozen `nn.Linear` (`base_layer`); code reading `layer.weight` / `layer.in_features`
+    (e.g. to pick a dtype) keeps working."""
+
+    base_layer: nn.Linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features

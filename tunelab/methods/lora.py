@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.methods.base import Method
+from tunelab.methods.base import Method, WrappedLinear
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLinear):
     """A frozen `nn.Linear` (`base_layer`) plus the low-rank update `lora_B(lora_A(dropout(x))) * scaling`."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -86,23 +86,6 @@ class LoRALinear(nn.Module):
             w = self.base_layer.weight
             w.copy_(w.float() - self.delta_weight())
             self.merged = False
-
-    # Code that reads `layer.weight` / `layer.in_features` (e.g. to pick a dtype) keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"

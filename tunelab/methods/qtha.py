@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.profiler import record_function
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.methods.base import CONFIG_NAME, WEIGHTS_NAME, Method, write_adapter_dir
+from tunelab.methods.base import CONFIG_NAME, Method, WrappedLinear, load_adapter_weights, write_adapter_dir
 from tunelab.methods.lora import LoRA, _set_submodule
 from tunelab.methods.quantum import MODES, check_rotations, qnn_expval
 from tunelab.methods.tensor_train import TensorTrainLinear, tt_num_parameters
@@ -87,7 +86,7 @@ def _shot_seed(seed: int, calls: int, training: bool) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class QTHALinear(nn.Module):
+class QTHALinear(WrappedLinear):
     """A frozen `nn.Linear` (`base_layer`) plus s · MPO_up(a ⊙ z + b ⊙ QNN(π tanh z)) with z = MPO_down(x)."""
 
     def __init__(self, base_layer: nn.Linear, qubits: int = 8, depth: int = 2, rotations=("ry",), cores: int = 3,
@@ -139,23 +138,6 @@ class QTHALinear(nn.Module):
             flat = angles.reshape(-1, angles.shape[-1])
             q = qnn_expval(flat, self.qtha_theta, self.rotations, self.mode, self.shots, generator)
         return q.reshape(angles.shape)
-
-    # Code that reads `layer.weight` / `layer.in_features` (e.g. to pick a dtype) keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def extra_repr(self) -> str:
         return (f"qubits={self.qtha_theta.shape[2]}, depth={self.qtha_theta.shape[0]}, "
@@ -331,22 +313,5 @@ def load_adapter_dir(model: nn.Module, adapter_dir: str | Path, cfg: dict[str, A
         method.inject(model)
     except (ConfigError, ModelError) as e:
         raise ModelError(f"{where}: {e}") from None
-    path = d / WEIGHTS_NAME
-    try:
-        if list(method.layers) != cfg.get("modules", list(method.layers)):
-            raise ModelError(f"{where}: the adapter was trained on modules {cfg['modules'][:2]}..., this model's "
-                             f"targets are {list(method.layers)[:2]}...; load it onto its own base model")
-        if not path.is_file():
-            raise ModelError(f"{d}: no {WEIGHTS_NAME}; the adapter directory is incomplete")
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # a loader boundary: truncated or corrupt files
-            raise ModelError(f"{path}: cannot read the adapter weights ({str(e).splitlines()[0][:200]})") from None
-        try:
-            method.load_state_dict(tensors)
-        except ModelError as e:
-            raise ModelError(f"{path}: {e}") from None
-    except ModelError:
-        method.remove()
-        raise
+    load_adapter_weights(method, d, cfg, "this model's targets are")
     return method
