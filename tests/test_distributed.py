@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo), replicated (ddp) and sharded (FSDP2): the same losses as one process at
-the same global batch, one set of checkpoints in one format, and resume under torchrun."""
+the same global batch, one set of checkpoints in one format, and resume under torchrun (LoRA-Dash's switch
+included)."""
 
 import json
 import os
@@ -56,12 +57,12 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def crash_after_step_4(run_dir: Path, crashed: Path) -> None:
-    """A copy of a 6-step run as if it had died after the checkpoint of step 4."""
+def crash_after(run_dir: Path, crashed: Path, step: int = 4) -> None:
+    """A copy of a 6-step run (checkpoints 2, 4, 6) as if it had died after the checkpoint of `step`."""
     subprocess.run(["cp", "-r", str(run_dir), str(crashed)], check=True)
-    subprocess.run(["rm", "-r", str(crashed / "checkpoints" / "step-000006"), str(crashed / "summary.json")],
-                   check=True)
-    (crashed / "checkpoints" / "latest").write_text("step-000004\n")
+    later = [str(crashed / "checkpoints" / f"step-{s:06d}") for s in range(step + 2, 7, 2)]
+    subprocess.run(["rm", "-r", *later, str(crashed / "summary.json")], check=True)
+    (crashed / "checkpoints" / "latest").write_text(f"step-{step:06d}\n")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_resume_under_torchrun_continues_the_run(tmp_path, base_model_dir, chat_
     run_dir, _, mode = two_process_run
     want = step_losses(run_dir)
     crashed = tmp_path / "run"
-    crash_after_step_4(run_dir, crashed)
+    crash_after(run_dir, crashed)
     proc = torchrun(tmp_path, recipe(tmp_path, base_model_dir, chat_file, distributed=mode), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = step_losses(crashed)
@@ -137,7 +138,7 @@ def test_a_replicated_run_resumes_sharded(tmp_path, base_model_dir, chat_file, t
     run_dir, _, _ = two_process_run
     want = step_losses(run_dir)
     crashed = tmp_path / "run"
-    crash_after_step_4(run_dir, crashed)
+    crash_after(run_dir, crashed)
     proc = torchrun(tmp_path, recipe(tmp_path, base_model_dir, chat_file, distributed="fsdp"), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = step_losses(crashed)
@@ -160,11 +161,74 @@ def test_fsdp_pretraining_of_a_tied_model_matches_one_process(tmp_path, corpus_f
     assert "model.embed_tokens.weight" in trainable and "lm_head.weight" not in trainable  # tied: saved once
 
 
-def test_fsdp_refuses_lora_dash_and_unsupported_devices(tmp_path, base_model_dir, chat_file):
-    raw = recipe(tmp_path, base_model_dir, chat_file, distributed="fsdp")
-    raw["method"]["name"] = "lora-dash"
-    with pytest.raises(ConfigError, match=r"train\.distributed=fsdp: method lora-dash .* train\.distributed=ddp"):
-        run_finetune(validate(FinetuneConfig, raw), device="cpu")
+def test_fsdp_refuses_unsupported_devices():
     with pytest.raises(ConfigError, match=r"device 'meta' is not supported .* train\.distributed=ddp"):
         check_fsdp("meta")
     check_fsdp("cpu")
+
+
+# --- LoRA-Dash under FSDP: its switch gathers each frozen weight for the SVD ---------------------------------------
+
+
+def dash_recipe(out_dir, base_model_dir, chat_file, **train):
+    """`recipe` with LoRA-Dash switching after step 3 of 6: checkpoint 2 comes before the switch, 4 and 6 after."""
+    raw = recipe(out_dir, base_model_dir, chat_file, **train)
+    raw["method"].update(name="lora-dash", dash_steps=3, dash_directions=3)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def dash_runs(tmp_path_factory, base_model_dir, chat_file):
+    """(one process, two FSDP processes) run directories of the same LoRA-Dash recipe."""
+    one = run_finetune(validate(FinetuneConfig, dash_recipe(tmp_path_factory.mktemp("dash-one"), base_model_dir,
+                                                            chat_file)), device="cpu")
+    tmp = tmp_path_factory.mktemp("dash-fsdp")
+    proc = torchrun(tmp, dash_recipe(tmp, base_model_dir, chat_file, distributed="fsdp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(one["run_dir"]), tmp / "run"
+
+
+def test_fsdp_lora_dash_matches_one_process_across_the_switch(dash_runs):
+    single_dir, run_dir = dash_runs
+    want, got = step_losses(single_dir), step_losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    # steps 5 and 6 train δ along the directions: a process that chose others would move the summed loss
+    assert max(abs(got[s] - want[s]) for s in want) <= 1e-5
+    switches = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "lora_dash_switch"]
+    assert [(e["step"], e["layers"], e["directions"]) for e in switches] == [(3, 14, 42)]  # logged once
+    # every checkpoint, before and after the switch, is the one-process file: A, B, U_s, Vh_s, δ, switch step
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (single_dir / "checkpoints").iterdir())
+    assert names == ["latest", "step-000002", "step-000004", "step-000006"]
+    for name in names[1:]:
+        sd = load_file(run_dir / "checkpoints" / name / "trainable.safetensors")
+        assert max_diff(sd, load_file(single_dir / "checkpoints" / name / "trainable.safetensors")) <= 1e-5
+        assert sd["lora_dash.switch_step"].tolist() == [0 if name == "step-000002" else 3]
+    assert max(v.abs().max().item() for k, v in sd.items() if k.endswith("dash_delta")) > 1e-4  # δ trained
+    got_opt, want_opt = (torch.load(d / "checkpoints" / "step-000006" / "optimizer.pt", weights_only=False)
+                         for d in (run_dir, single_dir))
+    assert got_opt["state"].keys() == want_opt["state"].keys()  # δ's moments included, gathered
+    assert max(max_diff(got_opt["state"][i], s) for i, s in want_opt["state"].items()) <= 1e-5
+    adapter = "adapter/adapter_model.safetensors"  # the rank-(r+s) PEFT LoRA
+    assert max_diff(load_file(run_dir / adapter), load_file(single_dir / adapter)) <= 1e-5
+
+
+@pytest.mark.parametrize("crash_step", [2, 4])
+def test_fsdp_lora_dash_resumes_before_and_after_the_switch(tmp_path, base_model_dir, chat_file, dash_runs,
+                                                             crash_step):
+    """From step 2 the resumed run makes the switch itself; from step 4 it restores the chosen directions."""
+    _, run_dir = dash_runs
+    want = step_losses(run_dir)
+    crashed = tmp_path / "run"
+    crash_after(run_dir, crashed, crash_step)
+    proc = torchrun(tmp_path, dash_recipe(tmp_path, base_model_dir, chat_file, distributed="fsdp"), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_events(crashed / "events.jsonl")
+    resumed = events[max(i for i, e in enumerate(events) if e["event"] == "resume"):]  # what the resume wrote
+    assert resumed[0]["step"] == crash_step
+    assert [e["step"] for e in resumed if e["event"] == "lora_dash_switch"] == ([3] if crash_step < 3 else [])
+    got = {e["step"]: e["loss"] for e in resumed if e["event"] == "step"}
+    assert sorted(got) == list(range(crash_step + 1, 7))
+    assert max(abs(got[s] - want[s]) for s in got) <= 1e-6
+    adapter = "adapter/adapter_model.safetensors"
+    assert max_diff(load_file(crashed / adapter), load_file(run_dir / adapter)) <= 1e-6

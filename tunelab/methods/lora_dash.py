@@ -17,6 +17,10 @@ accumulation and activation recomputation do not move it):
 δ exists from `inject` on as a zero trainable parameter, so the optimizer built before training holds it. Before
 the switch the dash term is not computed, δ gets no gradient (None), and AdamW skips it (no update, no weight
 decay, no state): it is still exactly 0 at the switch, and no parameter is ever added to a live optimizer.
+Under FSDP2 (`train.distributed=fsdp`) the model is sharded after `inject`, so FSDP holds δ as a shard like A and B,
+and U_s, Vh_s are buffers each process keeps whole; at the switch every process gathers W, A and B of one layer at
+a time (`DTensor.full_tensor()`, a collective, in the same layer order everywhere) and runs the same SVD on the same
+inputs, so all choose the same directions.
 `state_dict()` carries the switch step (`lora_dash.switch_step`, 0 = not yet), U_s, Vh_s and δ of every layer, so a
 checkpoint taken on either side of the switch resumes to the uninterrupted run.
 Merge adds `γ·BA + U_s diag(δ) Vh_s` (fp32). `save` writes a plain HF PEFT LoRA of rank r+s (lossless):
@@ -37,6 +41,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # torch >= 2.5; FSDP2 (`train.distributed=fsdp`) needs it
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - nothing is ever a DTensor then
+    DTensor = ()  # type: ignore[assignment,misc]  # isinstance(t, ()) is False
 
 from tunelab.errors import ConfigError, ModelError
 from tunelab.methods.lora import LoRA, LoRALinear
@@ -81,10 +90,14 @@ class LoRADashLinear(LoRALinear):
 
     @torch.no_grad()
     def change_rates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(U, Vh, c) of the frozen W in fp32, with c_i = |u_iᵀ ΔW v_i| / max(σ_i, σ_floor) and ΔW = γ·BA."""
-        w = self.base_layer.weight.float()
+        """(U, Vh, c) of the frozen W in fp32, with c_i = |u_iᵀ ΔW v_i| / max(σ_i, σ_floor) and ΔW = γ·BA.
+
+        Under FSDP2 W, A and B are shards: each is gathered whole here (`_whole`), so every process must call it,
+        layer by layer in the same order; identical inputs give every process the same directions.
+        """
+        w = _whole(self.base_layer.weight).float()
         u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        a, b = _whole(self.lora_A.weight).float(), _whole(self.lora_B.weight).float()
         d_sigma = ((u.T @ b) * (a @ vh.T).T).sum(dim=1) * self.scaling  # diag(Uᵀ ΔW Vhᵀ), never forming ΔW
         floor = max(float(sigma.max()) * max(w.shape) * torch.finfo(torch.float32).eps,
                     torch.finfo(torch.float32).tiny) if sigma.numel() else 1.0
@@ -239,6 +252,11 @@ class LoRADash(LoRA):
                                      tensors=super().state_dict())
         tensors, config = self.peft_tensors()
         return save_lora_adapter(self, out_dir, base_model_path, tokenizer=tokenizer, tensors=tensors, **config)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or, for an FSDP2 shard (a DTensor), the full tensor: a collective every process must call."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _exact(name: str) -> str:

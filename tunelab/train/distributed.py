@@ -16,10 +16,11 @@ averaged) across processes, so the result equals one process training the whole 
   backward reduce-scatters (sums) the gradients. Checkpoints and the final `method.save` see full tensors
   (`full_state`, `full_optimizer_state`, `full_parameters`), so a checkpoint has the same format either way; a
   resume loads the full tensors before sharding and re-shards the optimizer state (`shard_optimizer_state`).
-  The model is loaded in full on each process's CPU, then sharded group by group onto its device.
+  The model is loaded in full on each process's CPU, then sharded group by group onto its device. A method
+  injects its layers before sharding, so FSDP holds all of its parameters (LoRA-Dash's δ from the start); LoRA-Dash's
+  switch gathers each frozen weight whole in turn on every process for its SVD (`lora_dash.py`).
 
-Not here: tensor or pipeline parallelism, sharded (per-rank) checkpoint files, FSDP of LoRA-Dash (its switch takes
-the SVD of every full frozen weight).
+Not here: tensor or pipeline parallelism, sharded (per-rank) checkpoint files.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the last assistant turn or everything, masks derived from the tokenizer's own ch
 event a method's `on_step` returns, e.g. LoRA-Dash's switch, goes to events.jsonl). Examples are shuffled once per
 epoch from the seed and padded to the longest of each micro-batch; a step's micro-batches are a pure
 function of the step number, so a run resumes from its checkpoints exactly (`checkpoint.py`). Under torchrun it
-runs data-parallel, replicated or sharded by FSDP2 (`train.distributed`, `distributed.py`; not LoRA-Dash with FSDP).
+runs data-parallel, replicated or sharded by FSDP2 (`train.distributed`, `distributed.py`).
 Not here (yet): packing of short examples.
 
 Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.json`, `summary.json` and
@@ -31,7 +31,7 @@ from tunelab.config import FinetuneConfig, dump_config
 from tunelab.data.chat import Encoded, chat_template_for, encode_example
 from tunelab.data.lint import format_lint, lint_examples
 from tunelab.data.records import Example, read_examples
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import DataError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import build_method
 from tunelab.models import count_parameters, load_model, load_tokenizer
@@ -159,10 +159,6 @@ def resolve_steps(cfg: FinetuneConfig, n_examples: int) -> int:
 
 def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None) -> dict[str, Any]:
     """Run (or resume) a whole fine-tuning job; returns (and writes) its summary."""
-    if cfg.train.distributed == "fsdp" and cfg.method.name == "lora-dash":
-        raise ConfigError("train.distributed=fsdp: method lora-dash cannot be sharded (its switch takes the SVD of "
-                          "every full frozen weight, which FSDP keeps split across the processes); set "
-                          "train.distributed=ddp, or use method lora or dora")
     dist = init_distributed()
     fsdp = uses_fsdp(cfg.train.distributed, dist)
     if fsdp:
