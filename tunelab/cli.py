@@ -237,7 +237,7 @@ def _load_for_generation(args: argparse.Namespace):
     from tunelab.data.chat import chat_template_for
     from tunelab.serve.generate import load_tuned
 
-    model, tokenizer, _ = load_tuned(args.model, args.adapter)
+    model, tokenizer, _ = load_tuned(args.model, args.adapter, precision="auto")
     template = chat_template_for(tokenizer, args.chat_template)
     return model, tokenizer, template
 

@@ -337,14 +337,9 @@ def _method_job(fcfg: FinetuneConfig, train: bool, task: GenerationTask | None, 
 
 def _accuracy(output_dir: str, task: GenerationTask, items: list[Item], precision: str) -> dict[str, Any]:
     """Strict accuracy of the saved model (loaded back from disk, as a user would) on the eval prompts."""
-    import torch
-
     from tunelab.serve.generate import load_tuned
 
-    model, tokenizer, _ = load_tuned(output_dir)
-    if torch.cuda.is_available():
-        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-        model.to("cuda", torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer, _ = load_tuned(output_dir, precision=precision)
     r = evaluate_generation(model, tokenizer, items, task.extract, task.pattern, task.tolerance, task.chat_template,
                             task.max_new_tokens, task.batch_size)
     return {"accuracy": r["metrics"]["accuracy"], "per_group": r["per_group"], "examples": r["examples"],

@@ -119,6 +119,15 @@ def write_model_files(model: PreTrainedModel, tokenizer, directory: Path) -> Non
         model.generation_config.save_pretrained(directory)
 
 
+def inference_placement(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where a model runs for inference: the GPU when there is one (bf16 under "auto" where it supports it), else
+    the CPU (fp32 unless "bf16" is asked for)."""
+    if torch.cuda.is_available():
+        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32
+    return torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters, counting tied weights once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -213,7 +213,7 @@ class LocalJudge:
     """A local model or adapter directory as the judge: batched greedy replies with its chat template."""
 
     def __init__(self, model_ref: str, max_tokens: int = 256, batch_size: int = 8, template: str | None = None):
-        self.model, self.tokenizer, _ = load_tuned(model_ref)
+        self.model, self.tokenizer, _ = load_tuned(model_ref, precision="auto")
         self.template = chat_template_for(self.tokenizer, template)
         self.max_tokens, self.batch_size = max_tokens, batch_size
 

@@ -34,6 +34,7 @@ from tunelab.evaluate.judge import Judge, LocalJudge, URLJudge, judge_pairwise, 
 from tunelab.evaluate.perplexity import evaluate_perplexity, read_text_files
 from tunelab.evaluate.report import comparison, fmt, write_report
 from tunelab.io import clear_outputs, ensure_writable_dir
+from tunelab.models import inference_placement
 from tunelab.serve.generate import load_tuned, resolve_base
 
 
@@ -167,13 +168,6 @@ def _questions(p: Prepared) -> list[str]:
     return [it.messages[-1]["content"] if it.messages else "" for it in p.data]
 
 
-def _placement(precision: str) -> tuple[str, torch.dtype]:
-    if torch.cuda.is_available():
-        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-        return "cuda", torch.bfloat16 if bf16 else torch.float32
-    return "cpu", torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 @contextlib.contextmanager
 def _bar(description: str) -> Iterator[ProgressFn | None]:
     """A transient progress bar on a terminal (stderr); nothing on a pipe or file."""
@@ -203,7 +197,8 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         resolve_base(ref, None)  # a missing model or adapter base fails before any work
     names = task_names(cfg.tasks)
     prepared = [prepare_task(t, n, len(models)) for t, n in zip(cfg.tasks, names)]
-    device, dtype = _placement(cfg.precision)
+    device, dtype = inference_placement(cfg.precision)
+    placement = f"{device.type} {str(dtype).removeprefix('torch.')}"
     entries = []
     with open(out / "events.jsonl", "w", encoding="utf-8") as events:
         def event(name: str, **fields: Any) -> None:
@@ -213,8 +208,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
         for label, ref in models:
             base, adapter = resolve_base(ref, None)
-            model, tokenizer, _ = load_tuned(ref)
-            model.to(device=device, dtype=dtype)
+            model, tokenizer, _ = load_tuned(ref, precision=cfg.precision)
             entry = {"label": label, "ref": ref, "base": str(base), "adapter": str(adapter) if adapter else None,
                      "tasks": {}}
             for p in prepared:
@@ -238,7 +232,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
                     event("judge", model=entry["label"], task=p.name, metrics=result["metrics"])
                     log(f"{entry['label']} vs {entries[0]['label']} · {p.name}: {summary_line(result)}")
         results = {"name": cfg.name, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                   "tunelab": __version__, "seed": cfg.seed, "device": f"{device} {str(dtype).removeprefix('torch.')}",
+                   "tunelab": __version__, "seed": cfg.seed, "device": placement,
                    "tasks": [{"name": p.name, "type": p.task.type, "config": p.task.model_dump(mode="json")}
                              for p in prepared],
                    "models": entries, "wall_s": round(time.time() - started, 1)}

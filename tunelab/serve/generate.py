@@ -2,7 +2,8 @@
 
 Greedy when temperature is 0, else sampling with temperature and top-p. Generation stops at EOS and, for
 chats, at the template's end-of-turn token (`<|im_end|>` for ChatML). An adapter is merged into the
-weights for inference when its maths allows (exact, and as fast as the base model).
+weights for inference when its maths allows (exact, and as fast as the base model). Models run on the GPU
+when there is one (bf16 where supported).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import TextStreamer
 from tunelab.data.chat import chat_template_for, end_of_turn_ids, prompt_for_generation
 from tunelab.errors import ModelError
 from tunelab.methods import is_adapter_dir, load_adapter, read_adapter_config
-from tunelab.models import load_model, load_tokenizer, require_local_dir
+from tunelab.models import inference_placement, load_model, load_tokenizer, require_local_dir
 
 
 def resolve_base(model_ref: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
@@ -34,8 +35,12 @@ def resolve_base(model_ref: str | Path, adapter: str | Path | None) -> tuple[Pat
     return Path(model_ref), Path(adapter) if adapter is not None else None
 
 
-def load_tuned(model_ref: str | Path, adapter: str | Path | None = None, merge: bool = True):
+def load_tuned(model_ref: str | Path, adapter: str | Path | None = None, merge: bool = True,
+               precision: str | None = None):
     """(model, tokenizer, method or None): a base model, with an adapter injected (and merged) when given.
+
+    `precision` ("auto", "fp32", "bf16"): place the model with `inference_placement` (the GPU when there is one);
+    None leaves it on the CPU in fp32.
 
     The tokenizer comes from the adapter directory when it holds one (it carries the chat template the
     adapter was trained with), else from the base model directory.
@@ -49,6 +54,9 @@ def load_tuned(model_ref: str | Path, adapter: str | Path | None = None, merge: 
         method = load_adapter(model, adapter_dir)
         if merge and method.mergeable:
             method.merge()
+    if precision is not None:
+        device, dtype = inference_placement(precision)
+        model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer, method
 
