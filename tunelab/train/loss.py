@@ -33,14 +33,14 @@ from tunelab.errors import ModelError
 
 Batch = dict[str, torch.Tensor]
 
-# Rows per chunk when `chunk_size` is None: a number of fp32 logits per chunk, by device, and at least a number of
-# rows. CPU: about 32 MiB (262 rows for a 32k vocabulary), at least 128 rows. Measured on 2 CPU cores (hidden 512,
-# vocab 32k, benchmarks/train_speed.py): 128 to 1024 rows run at the same speed on one thread; on two busy threads
-# 524 rows were ~7% faster than 262 and 128 ~5% slower, while each doubling of the chunk adds its [chunk, V] fp32
-# buffer (+32 MiB here) to the peak. CUDA: about 512 MiB (1,046 rows for a 128k vocabulary, 4,194 for 32k), at
-# least 256 rows: on an H200 (bf16, hidden 2048, vocab 128256, 4 x 1024 positions) 128-row chunks made the step
-# 0.89x the speed of transformers' full-logits loss, 1,024 rows 1.04x (peak memory 0.54x), 4,096 rows 1.05x (0.74x).
-_AUTO_CHUNK = {"cpu": (2**23, 128), "cuda": (2**27, 256)}  # device type: (fp32 logits per chunk, fewest rows)
+# Rows per chunk when `chunk_size` is None: a budget of fp32 logits per chunk, clamped to a range of rows, by device.
+# CPU: about 32 MiB (262 rows for a 32k vocabulary), at least 128 rows. Measured on 2 CPU cores (hidden 512, vocab
+# 32k, benchmarks/train_speed.py): 128 to 1024 rows run at the same speed on one thread; on two busy threads 524
+# rows were ~7% faster than 262 and 128 ~5% slower, while each doubling of the chunk adds its [chunk, V] fp32
+# buffer (+32 MiB here) to the peak. CUDA: about 512 MiB, 256 to 1,024 rows (1,024 for vocabularies up to 128k): on
+# an H200 (bf16, hidden 2048, vocab 128256, 4 x 1024 positions) 128-row chunks made the step 0.89x the speed of
+# transformers' full-logits loss, 1,024 rows 1.04x (peak memory 0.54x), 4,096 rows 1.05x (0.74x).
+_AUTO_CHUNK = {"cpu": (2**23, 128, None), "cuda": (2**27, 256, 1024)}  # device: (fp32 logits, fewest, most rows)
 # Models whose `logits_scaling` multiplies the logits (the others, Granite-style, divide by it).
 _MULTIPLY_BY_LOGITS_SCALING = ("hyperclovax",)
 _PROBE_TOKENS = 8
@@ -70,8 +70,8 @@ def chunked_loss_sum(model: nn.Module, batch: Batch, dtype: torch.dtype | None,
 
     Same value (fp32: to rounding) and gradients as `F.cross_entropy` over `model(...).logits`, shifted by one.
     `batch` holds `input_ids`, `labels` (-100: no loss) and optionally `attention_mask`; `dtype` is the autocast
-    dtype (None: no autocast). `chunk_size`: positions per chunk (None: ~8M logits on CPU, ~128M on CUDA; see
-    `_AUTO_CHUNK`).
+    dtype (None: no autocast). `chunk_size`: positions per chunk (None: ~8M logits on CPU, up to 1,024 rows on CUDA;
+    see `_AUTO_CHUNK`).
     """
     decoder, head = _body_and_head(model)
     transform = _checked.get(model)
@@ -88,8 +88,8 @@ def chunked_loss_sum(model: nn.Module, batch: Batch, dtype: torch.dtype | None,
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     targets = flat_labels.index_select(0, rows)
     if chunk_size is None:
-        elements, fewest = _AUTO_CHUNK.get(device.type, _AUTO_CHUNK["cpu"])
-        chunk_size = max(fewest, elements // head.weight.shape[0])
+        elements, fewest, most = _AUTO_CHUNK.get(device.type, _AUTO_CHUNK["cpu"])
+        chunk_size = max(fewest, min(most or elements, elements // head.weight.shape[0]))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
     compute_dtype = dtype or head.weight.dtype
