@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.methods.base import CONFIG_NAME, Method, load_adapter_weights, write_adapter_dir
+from tunelab.methods.base import CONFIG_NAME, Method, load_adapter_weights, put_back, set_submodule, write_adapter_dir
 
 PEFT_TYPE = "TUNELAB_ADAPTION_PROMPT"
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
@@ -146,7 +146,7 @@ class Adapter(Method):
         model.requires_grad_(False)
         for name in names:
             wrapper = AdaptionPromptAttention(model.get_submodule(name), self.prompt_len)
-            _set_submodule(model, name, wrapper)
+            set_submodule(model, name, wrapper)
             self.layers[name] = wrapper
         self.model = model
 
@@ -194,11 +194,8 @@ class Adapter(Method):
 
     def remove(self) -> nn.Module:
         """Take the prompts out (the model is the base again) and return it."""
-        model = self._require_model()
-        for name, w in self.layers.items():
-            _set_submodule(model, name, w.base_attn)
-        for n, p in model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(n, True))
+        model = put_back(self._require_model(), {n: w.base_attn for n, w in self.layers.items()},
+                         self._requires_grad)
         self.model, self.layers = None, {}
         return model
 
@@ -228,8 +225,3 @@ def load_adapter_dir(model: nn.Module, adapter_dir: str | Path, cfg: dict[str, A
         raise ModelError(f"{where}: {e}") from None
     load_adapter_weights(method, d, cfg, f"this model's top {n_layers} layers are")
     return method
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

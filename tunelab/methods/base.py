@@ -134,3 +134,19 @@ class WrappedLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_features
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (replacing what is there)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def put_back(model: nn.Module, originals: dict[str, nn.Module], requires_grad: dict[str, bool]) -> nn.Module:
+    """Undo an `inject`: each original module back at its path, each parameter's `requires_grad` as recorded
+    before (True for a parameter not recorded); returns `model`."""
+    for name, module in originals.items():
+        set_submodule(model, name, module)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(n, True))
+    return model

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.methods.base import Method, WrappedLinear
+from tunelab.methods.base import Method, WrappedLinear, put_back, set_submodule
 
 
 class LoRALinear(WrappedLinear):
@@ -181,7 +181,7 @@ class LoRA(Method):
             alpha = float(_pattern_value(self.alpha_pattern, name, self.alpha))
             layer = self.new_layer(model.get_submodule(name), r, alpha)
             layer.reset_lora_parameters(self.init)
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
             self.layers[name] = layer
         self.model = model
 
@@ -268,11 +268,8 @@ class LoRA(Method):
 
     def remove(self) -> nn.Module:
         """Take the LoRA layers out without merging (an unmerged model becomes the base again); return it."""
-        model = self._require_model()
-        for name, layer in self.layers.items():
-            _set_submodule(model, name, layer.base_layer)
-        for n, p in model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(n, True))
+        model = put_back(self._require_model(), {n: layer.base_layer for n, layer in self.layers.items()},
+                         self._requires_grad)
         self.model, self.layers, self.merged = None, {}, False
         return model
 
@@ -352,8 +349,3 @@ def _describe_linears(linears: list[str]) -> str:
     return (f"its nn.Linear modules are named {', '.join(short) or '(none)'} ({len(linears)} in all); set "
             f"target_modules to some of these names, a full-match regex over the whole module name "
             f"(e.g. {linears[0] if linears else 'model.layers.0.mlp'!r}), or all-linear")
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -43,8 +43,16 @@ from torch import nn
 from torch.profiler import record_function
 
 from tunelab.errors import ConfigError, ModelError
-from tunelab.methods.base import CONFIG_NAME, Method, WrappedLinear, load_adapter_weights, write_adapter_dir
-from tunelab.methods.lora import LoRA, _set_submodule
+from tunelab.methods.base import (
+    CONFIG_NAME,
+    Method,
+    WrappedLinear,
+    load_adapter_weights,
+    put_back,
+    set_submodule,
+    write_adapter_dir,
+)
+from tunelab.methods.lora import LoRA
 from tunelab.methods.quantum import MODES, check_rotations, qnn_expval
 from tunelab.methods.tensor_train import TensorTrainLinear, tt_num_parameters
 
@@ -212,7 +220,7 @@ class QTHA(Method):
             layer = QTHALinear(base, self.qubits, self.depth, self.rotations, self.cores,
                                self.bond_for(base.in_features, base.out_features), self.scale, self.dropout,
                                self.mode, self.shots, shot_seed=base_seed + index)
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
             self.layers[name] = layer
         self.model = model
 
@@ -271,11 +279,8 @@ class QTHA(Method):
 
     def remove(self) -> nn.Module:
         """Take the QTHA layers out (the model is the base again) and return it."""
-        model = self._require_model()
-        for name, layer in self.layers.items():
-            _set_submodule(model, name, layer.base_layer)
-        for n, p in model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(n, True))
+        model = put_back(self._require_model(), {n: layer.base_layer for n, layer in self.layers.items()},
+                         self._requires_grad)
         self.model, self.layers = None, {}
         return model
 
