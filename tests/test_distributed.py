@@ -38,12 +38,13 @@ def pretrain_recipe(out_dir, corpus_file, tokenizer_dir, **train):
                       "eval_every": 2, "save_every": 2, "log_every": 1, **train}}
 
 
-def torchrun(tmp_path, raw: dict, *flags, stage="finetune"):
+def torchrun(tmp_path, raw: dict, *flags, stage="finetune", nproc=2):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "tunelab", stage, str(path), *flags], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "tunelab", stage, str(path), *flags], capture_output=True, text=True,
                           timeout=600, env=env)
 
 
@@ -59,6 +60,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def crash_after(run_dir: Path, crashed: Path, step: int = 4) -> None:
     """A copy of a 6-step run (checkpoints 2, 4, 6) as if it had died after the checkpoint of `step`."""
+    crashed.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["cp", "-r", str(run_dir), str(crashed)], check=True)
     later = [str(crashed / "checkpoints" / f"step-{s:06d}") for s in range(step + 2, 7, 2)]
     subprocess.run(["rm", "-r", *later, str(crashed / "summary.json")], check=True)

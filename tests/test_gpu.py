@@ -9,18 +9,14 @@ this file for a machine without a GPU.
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from test_distributed import crash_after, step_losses, torchrun  # torchrun: NCCL on a GPU, gloo on the CPU
 
 from tunelab.cli import main
 from tunelab.config import FinetuneConfig, validate
 from tunelab.serve.generate import complete, load_tuned
-from tunelab.train.events import read_events
 from tunelab.train.finetune import run_finetune
 
 DEVICE = os.environ.get("TUNELAB_TEST_DEVICE", "cuda")
@@ -50,32 +46,6 @@ def recipe(out_dir, base_model_dir, chat_file, method="lora", precision="auto", 
 
 def finetune(raw: dict) -> dict:
     return run_finetune(validate(FinetuneConfig, raw), device=DEVICE)
-
-
-def torchrun(tmp_path: Path, raw: dict, *flags) -> subprocess.CompletedProcess:
-    """One process under torchrun: NCCL on the GPU (gloo on the CPU)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not ON_GPU:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           "-m", "tunelab", "finetune", str(path), *flags], capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"}
-
-
-def crash_after_step_4(run_dir: Path, crashed: Path) -> None:
-    """A copy of a 6-step run as if it had died after the checkpoint of step 4."""
-    crashed.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cp", "-r", str(run_dir), str(crashed)], check=True)
-    subprocess.run(["rm", "-r", str(crashed / "checkpoints" / "step-000006"), str(crashed / "summary.json")],
-                   check=True)
-    (crashed / "checkpoints" / "latest").write_text("step-000004\n")
 
 
 def diff(a: dict[int, float], b: dict[int, float]) -> float:
@@ -122,7 +92,7 @@ def test_resume_reproduces_the_run(tmp_path, base_model_dir, chat_file, fp32_run
     else:
         finetune(recipe(tmp_path / "full", base_model_dir, chat_file, precision=precision))
         full = tmp_path / "full" / "run"
-    crash_after_step_4(full, tmp_path / "crashed" / "run")
+    crash_after(full, tmp_path / "crashed" / "run")
     finetune(recipe(tmp_path / "crashed", base_model_dir, chat_file, precision=precision, resume=True))
     d = diff(step_losses(full), step_losses(tmp_path / "crashed" / "run"))
     print(precision, "resume: largest per-step loss difference", d)
@@ -131,17 +101,18 @@ def test_resume_reproduces_the_run(tmp_path, base_model_dir, chat_file, fp32_run
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_matches_one_process_and_resumes(tmp_path, base_model_dir, chat_file, fp32_run, mode):
-    proc = torchrun(tmp_path, recipe(tmp_path, base_model_dir, chat_file, precision="fp32", distributed=mode))
+    proc = torchrun(tmp_path, recipe(tmp_path, base_model_dir, chat_file, precision="fp32", distributed=mode),
+                    nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = diff(step_losses(fp32_run), step_losses(tmp_path / "run"))
     print(mode, "fp32, torchrun vs one process: largest per-step loss difference", d)
     assert d <= 1e-5
     bf16 = tmp_path / "bf16"
-    proc = torchrun(bf16, recipe(bf16, base_model_dir, chat_file, distributed=mode))
+    proc = torchrun(bf16, recipe(bf16, base_model_dir, chat_file, distributed=mode), nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    crash_after_step_4(bf16 / "run", tmp_path / "crashed" / "run")
+    crash_after(bf16 / "run", tmp_path / "crashed" / "run")
     proc = torchrun(tmp_path / "crashed", recipe(tmp_path / "crashed", base_model_dir, chat_file, distributed=mode),
-                    "--resume")
+                    "--resume", nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = diff(step_losses(bf16 / "run"), step_losses(tmp_path / "crashed" / "run"))
     print(mode, "auto precision, torchrun resume: largest per-step loss difference", d)
