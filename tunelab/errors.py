@@ -15,3 +15,10 @@ class DataError(TunelabError):
 
 class ModelError(TunelabError):
     """A model or tokenizer reference is not usable (not a local directory, wrong shapes, ...)."""
+
+
+def warn(message: str) -> None:
+    """Print a one-line `warning: ...` on stderr: something the user should know that does not stop the run."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
