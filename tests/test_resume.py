@@ -153,3 +153,36 @@ def test_resume_without_a_checkpoint_is_a_clear_error_and_auto_starts_fresh(tmp_
     auto = run_finetune(validate(FinetuneConfig, finetune_recipe(tmp_path, base_model_dir, chat_file, steps=2,
                                                                  resume="auto")), device="cpu")
     assert auto["resumed_from_step"] is None
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_resuming_a_finished_run_keeps_its_final_eval_wall_time_and_peak_memory(tmp_path, stage, corpus_file,
+                                                                                 tokenizer_dir, base_model_dir,
+                                                                                 chat_file):
+    if stage == "pretrain":
+        kind, run = PretrainConfig, run_pretrain
+        recipe = pretrain_recipe(tmp_path, corpus_file, tokenizer_dir, steps=4, save_every=0)
+        recipe["data"]["eval_fraction"] = 0.1
+    else:
+        kind, run = FinetuneConfig, run_finetune
+        recipe = finetune_recipe(tmp_path, base_model_dir, chat_file, steps=4, save_every=0)
+    first = run(validate(kind, recipe), device="cpu")
+    assert first["eval_after"] and first["total_wall_s"] > 0
+    # the run that wrote the checkpoint ran long and high (another process): the resume must count it
+    state_file = latest_checkpoint(tmp_path / "run") / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["evals"][-1]["step"] == 4
+    state.update(total_wall_s=1000.0, peak_memory_mb=1e6)
+    state_file.write_text(json.dumps(state))
+    again = run(validate(kind, {**recipe, "train": {**recipe["train"], "resume": True}}), device="cpu")
+    assert again["resumed_from_step"] == 4
+    assert again["eval_after"] == first["eval_after"]  # carried over from the checkpoint
+    assert again["train_wall_s"] == first["train_wall_s"]
+    assert 1000.0 <= again["total_wall_s"] < 1000.0 + 120
+    assert again["peak_memory_mb"] == 1e6
+    assert "step 4" in again["resume_note"]
+    # a checkpoint without the evaluations (written before they were recorded): the final eval runs again
+    del state["evals"]
+    state_file.write_text(json.dumps(state))
+    third = run(validate(kind, {**recipe, "train": {**recipe["train"], "resume": True}}), device="cpu")
+    assert third["eval_after"]["eval_loss"] == pytest.approx(first["eval_after"]["eval_loss"], rel=1e-6)

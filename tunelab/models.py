@@ -135,3 +135,32 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+TRAINED_SEQ_LEN = "tunelab_train_seq_len"  # a config.json field: the longest sequences the model was trained on
+
+
+def trained_seq_len(model) -> int | None:
+    """The sequence length tunelab trained the model on (`config.json`'s `tunelab_train_seq_len`), or None."""
+    value = getattr(getattr(model, "config", None), TRAINED_SEQ_LEN, None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def record_trained_seq_len(model, seq_len: int, from_scratch: bool) -> None:
+    """Record in the model's config the longest sequences it has now been trained on.
+
+    A base that tunelab did not train (no record) is taken to know its whole context, so only a model trained from
+    scratch, or one whose base has a record, gets one (the longer of the base's and this run's).
+    """
+    earlier = trained_seq_len(model)
+    if from_scratch or earlier is not None:
+        setattr(model.config, TRAINED_SEQ_LEN, max(seq_len, earlier or 0))
+
+
+def positions_warning(model, n_tokens: int, what: str) -> str | None:
+    """A warning when `n_tokens` run past the positions the model was trained on (None when they do not)."""
+    trained = trained_seq_len(model)
+    if trained is None or n_tokens <= trained:
+        return None
+    return (f"{what} {n_tokens} tokens, beyond the {trained} positions the model was trained on "
+            f"(config.json {TRAINED_SEQ_LEN}); its predictions past them are unreliable")

@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 from tunelab.data.chat import prompt_for_generation
-from tunelab.errors import DataError, ModelError
+from tunelab.errors import DataError, ModelError, warn
 from tunelab.evaluate.common import Progress, context_length, device_of, read_records
+from tunelab.models import TRAINED_SEQ_LEN, trained_seq_len
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SUFFIXES = (".csv", ".jsonl", ".json")
@@ -423,7 +424,13 @@ def evaluate_choice(model, tokenizer, subjects: list[Subject], k: int = 5, style
         if progress:
             progress(min(b + batch_size, len(order)), len(order))
     wall = time.time() - started
-    return _summarise(subjects, items, letter_pred, ll_pred, k, context, wall, example)
+    trained = trained_seq_len(model)
+    past = sum(len(it.ids) + max(map(len, it.continuations)) - 1 > trained for it in items) if trained else 0
+    if past:
+        warn(f"{past} of {len(items)} multiple-choice prompts run past the {trained} positions the model was "
+             f"trained on (config.json {TRAINED_SEQ_LEN}; context {context}): set max_length: {trained} (fewer "
+             f"examples) to keep them within")
+    return {**_summarise(subjects, items, letter_pred, ll_pred, k, context, wall, example), "past_trained": past}
 
 
 def _summarise(subjects: list[Subject], items: list[_Item], letter_pred: list, ll_pred: list, k: int,

@@ -3,7 +3,8 @@
 Each file's documents (read as pretraining reads them: `.txt` paragraphs split at blank lines, `.jsonl`/
 `.json` under a text key) are joined with EOS between them into one token stream, as pretraining packs them
 (a BOS token starts the stream when the tokenizer has one). The stream is scored with windows of
-`max_length` tokens that start every `stride` tokens; each window scores only the tokens the previous window
+`max_length` tokens (default: the sequence length tunelab trained the model on, else its context) that start
+every `stride` tokens; each window scores only the tokens the previous window
 did not (the overlap is context, as labels -100 in HF's recipe), and a window never scores its own first
 token, so with `stride == max_length` (disjoint windows) the first token of each window goes unscored, as in
 HF's loop. (HF's guide multiplies each window's mean loss by one token fewer than it scored when windows
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.text import read_documents, resolve_files
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, warn
 from tunelab.evaluate.common import Progress, context_length, device_of
+from tunelab.models import TRAINED_SEQ_LEN, trained_seq_len
 
 
 def window_spans(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -85,7 +87,7 @@ def stream_nll(model, ids: list[int], max_length: int, stride: int, batch_size: 
 def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None, stride: int | None = None,
                batch_size: int = 4, progress: Progress | None = None) -> dict:
     """NLL, perplexity and bits per byte of `texts` joined into one stream (see the module docstring)."""
-    max_length = context_length(model, max_length)
+    max_length = window_length(model, max_length)
     stride = stride or max(1, max_length // 2)
     ids = token_stream(tokenizer, texts)
     if len(ids) < 2:
@@ -95,6 +97,15 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"documents": len(texts), "tokens": tokens, "bytes": n_bytes, "windows": windows, "nll_sum": nll,
             **_rates(nll, tokens, n_bytes)}
+
+
+def window_length(model, max_length: int | None = None) -> int:
+    """The window: `max_length`, else the sequence length tunelab trained the model on (recorded in its config.json),
+    else the model's context. A window longer than the trained length is scored, with a warning."""
+    trained = trained_seq_len(model)
+    if max_length is None and trained is not None:
+        return min(trained, context_length(model))
+    return context_length(model, max_length)
 
 
 def _rates(nll: float, tokens: int, n_bytes: int) -> dict:
@@ -110,7 +121,11 @@ def read_text_files(path: str, text_key: str = "text") -> dict[str, list[str]]:
 def evaluate_perplexity(model, tokenizer, files: dict[str, list[str]], max_length: int | None = None,
                         stride: int | None = None, batch_size: int = 4, progress: Progress | None = None) -> dict:
     """Per-file and total NLL, perplexity and bits per byte; `metrics` holds the totals."""
-    started = time.time()
+    started, given = time.time(), max_length is not None
+    trained, window = trained_seq_len(model), window_length(model, max_length)
+    if trained is not None and window > trained:
+        warn(f"perplexity windows of {window} tokens, beyond the {trained} positions the model was trained on "
+             f"(config.json {TRAINED_SEQ_LEN}): expect a higher perplexity than in {trained}-token windows")
     per_file = []
     for path, texts in files.items():
         r = perplexity(model, tokenizer, texts, max_length, stride, batch_size, progress)
@@ -119,8 +134,9 @@ def evaluate_perplexity(model, tokenizer, files: dict[str, list[str]], max_lengt
     n_bytes = sum(f["bytes"] for f in per_file)
     total = _rates(nll, tokens, n_bytes)
     wall = time.time() - started
-    max_length = context_length(model, max_length)
+    max_length = window
     return {"metrics": {"ppl": total["ppl"], "bits_per_byte": total["bits_per_byte"], "nll": total["nll"]},
             "files": [{**f, "path": Path(f["path"]).as_posix()} for f in per_file], "tokens": tokens,
             "bytes": n_bytes, "max_length": max_length, "stride": stride or max(1, max_length // 2),
+            "window_from": "max_length" if given else ("trained length" if trained else "model context"),
             "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1) if wall else None}

@@ -16,9 +16,16 @@ import torch
 from transformers import TextStreamer
 
 from tunelab.data.chat import chat_template_for, end_of_turn_ids, prompt_for_generation
-from tunelab.errors import ModelError
+from tunelab.errors import ModelError, warn
 from tunelab.methods import is_adapter_dir, load_adapter, read_adapter_config
-from tunelab.models import inference_placement, load_model, load_tokenizer, require_local_dir
+from tunelab.models import (
+    TRAINED_SEQ_LEN,
+    inference_placement,
+    load_model,
+    load_tokenizer,
+    require_local_dir,
+    trained_seq_len,
+)
 
 
 def resolve_base(model_ref: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
@@ -81,6 +88,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, tem
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     outputs: list[str] = []
+    lengths: list[int] = []  # prompt + reply tokens of each sequence
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
@@ -89,10 +97,23 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, tem
                                  eos_token_id=_stop_ids(tokenizer, stop_ids), **_sampling(temperature, top_p))
             new = out[:, enc["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            generated = (new != tokenizer.pad_token_id).sum(1) if tokenizer.pad_token_id is not None else \
+                torch.full((len(new),), new.shape[1])
+            lengths.extend((enc["attention_mask"].sum(1) + generated).tolist())
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+    warn_past_trained(model, lengths)
     return outputs
+
+
+def warn_past_trained(model, lengths: list[int]) -> None:
+    """Warn (once) when sequences (prompt and reply) ran past the positions tunelab trained the model on."""
+    trained = trained_seq_len(model)
+    over = [n for n in lengths if trained is not None and n > trained]
+    if over:
+        warn(f"{len(over)} of {len(lengths)} prompt(s) with their replies ran past the {trained} positions the model "
+             f"was trained on (up to {max(over)} tokens; config.json {TRAINED_SEQ_LEN}): text past them is unreliable")
 
 
 def _sampling(temperature: float, top_p: float) -> dict:
@@ -133,4 +154,5 @@ def stream(model, tokenizer, prompt: str, stop_ids: list[int] | None = None, max
     ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=_stop_ids(tokenizer, stop_ids), streamer=_Streamer(tokenizer, out),
                          **_sampling(temperature, top_p))
+    warn_past_trained(model, [ids.shape[1]])
     return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

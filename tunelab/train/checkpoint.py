@@ -6,7 +6,9 @@ A checkpoint is a directory `<run>/checkpoints/step-NNNNNN/` holding:
   rng-rank<R>.pt          Python, NumPy and torch (CPU and CUDA) random states of each process
   state.json              the step (the data position: every stage draws a step's batches from the step number,
                           so epoch, sample order and offset follow from it and are recorded for people), the
-                          losses so far, the resolved recipe, library versions and a fingerprint of each data file
+                          losses so far, the evaluations so far, the run's wall time and peak memory so far (a
+                          resumed run's summary counts the run before it), the resolved recipe, library versions
+                          and a fingerprint of each data file
 It is written under a temporary name, fsynced and renamed; then `<run>/checkpoints/latest` (a one-line text
 file naming it) is replaced atomically; then checkpoints beyond the newest `keep` are deleted. A kill during a
 save leaves only a temporary directory, which is ignored and cleaned up. The learning-rate schedule is a pure
@@ -21,6 +23,7 @@ import os
 import platform
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,9 @@ class Resume:
     tokens: int = 0
     wall_s: float = 0.0
     path: Path | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)  # evaluations up to the checkpoint (the last one's)
+    total_wall_s: float = 0.0  # the run's elapsed time up to the checkpoint, across earlier resumes
+    peak_memory_mb: float = 0.0  # the highest peak of the processes that ran before
 
 
 def fingerprint(paths: list[str | Path]) -> dict[str, str]:
@@ -102,19 +108,29 @@ def versions() -> dict[str, str]:
 
 
 class Checkpointer:
-    """Saves checkpoints of a run every `every` steps (0: only at the end) and keeps the newest `keep`."""
+    """Saves checkpoints of a run every `every` steps (0: only at the end) and keeps the newest `keep`.
+
+    It also keeps the run's clock: `elapsed()` is the wall time since this process set up the run, plus the
+    elapsed time an interrupted run had recorded in the checkpoint it resumed from (`prior_wall_s`).
+    """
 
     def __init__(self, run_dir: str | Path, every: int, keep: int, config: dict[str, Any],
-                 data: dict[str, str], rank: int = 0, world_size: int = 1):
+                 data: dict[str, str], rank: int = 0, world_size: int = 1, prior_wall_s: float = 0.0):
         self.dir = Path(run_dir) / "checkpoints"
         self.every, self.keep, self.config, self.data = every, keep, config, data
         self.rank, self.world_size = rank, world_size
+        self.prior_wall_s, self.started = prior_wall_s, time.time()
+
+    def elapsed(self) -> float:
+        """The run's total wall time so far (this process's, plus what the run before the resume recorded)."""
+        return self.prior_wall_s + time.time() - self.started
 
     def due(self, step: int, last: bool) -> bool:
         return last or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-             losses: list[float], tokens: int, wall_s: float, epoch_info: dict[str, Any] | None = None) -> Path:
+             losses: list[float], tokens: int, wall_s: float, epoch_info: dict[str, Any] | None = None,
+             evals: list[dict[str, Any]] | None = None, peak_memory_mb: float = 0.0) -> Path:
         """Write checkpoint `step` (rank 0 writes the shared files, every rank its random states).
 
         Every rank calls it: FSDP-sharded tensors are gathered first (one full tensor at a time, to CPU).
@@ -134,7 +150,8 @@ class Checkpointer:
                       str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
             torch.save(optimizer_state, tmp / "optimizer.pt")
             state = {"step": step, "world_size": self.world_size, "losses": losses, "tokens": tokens,
-                     "wall_s": wall_s, "data_position": {"step": step, **(epoch_info or {})},
+                     "wall_s": wall_s, "total_wall_s": round(self.elapsed(), 3), "peak_memory_mb": peak_memory_mb,
+                     "evals": evals or [], "data_position": {"step": step, **(epoch_info or {})},
                      "config": self.config, "data": self.data, "versions": versions()}
             atomic_write_json(tmp / "state.json", state)
         _barrier(self.world_size)
@@ -180,7 +197,9 @@ def load_resume(run_dir: str | Path, config: dict[str, Any], data: dict[str, str
     return Resume(step=state["step"], trainable=load_file(str(path / "trainable.safetensors")),
                   optimizer=torch.load(path / "optimizer.pt", weights_only=False),
                   rng=torch.load(rng_file, weights_only=False) if rng_file.is_file() else None,
-                  losses=state["losses"], tokens=state["tokens"], wall_s=state["wall_s"], path=path)
+                  losses=state["losses"], tokens=state["tokens"], wall_s=state["wall_s"], path=path,
+                  evals=state.get("evals", []), total_wall_s=state.get("total_wall_s", state["wall_s"]),
+                  peak_memory_mb=state.get("peak_memory_mb", 0.0))
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -226,7 +245,8 @@ def prepare_resume(run_dir: str | Path, train_cfg, config: dict[str, Any], data:
     elif rank == 0:
         clear_checkpoints(run_dir)
     _barrier(world_size)
-    saver = Checkpointer(run_dir, train_cfg.save_every, train_cfg.keep_checkpoints, config, data, rank, world_size)
+    saver = Checkpointer(run_dir, train_cfg.save_every, train_cfg.keep_checkpoints, config, data, rank, world_size,
+                         prior_wall_s=resume.total_wall_s if resume else 0.0)
     return resume, saver
 
 
@@ -238,7 +258,7 @@ def checkpoint_callback(saver: Checkpointer, method, steps: int, position=None):
     def checkpoint(step: int, optimizer: torch.optim.Optimizer, result) -> None:
         if saver.due(step, step == steps):
             saver.save(step, method.state_dict(), optimizer, result.losses, result.tokens, result.wall_s,
-                       position(step) if position else None)
+                       position(step) if position else None, result.evals, result.peak_memory_mb)
     return checkpoint
 
 
@@ -260,3 +280,13 @@ def begin_events(events, resume: Resume | None, evaluate, world_size: int = 1, *
     records = [json.loads(line) for line in lines if line.strip()]
     first = next((e for e in records if e["event"] == "eval" and e["step"] == 0), {})
     return {k: v for k, v in first.items() if k not in ("event", "time", "step")}
+
+
+def resume_note(resume: Resume | None) -> dict[str, Any]:
+    """What a resumed run's summary says about its figures: they include the run before the resume."""
+    if resume is None:
+        return {}
+    return {"resume_note": f"resumed from the checkpoint at step {resume.step}: train_wall_s, total_wall_s and "
+                           f"peak_memory_mb include the run before it up to that checkpoint "
+                           f"({resume.total_wall_s:.1f}s; the time from that checkpoint to the interruption is not "
+                           f"counted); eval_after is the evaluation at the last step"}

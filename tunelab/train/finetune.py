@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from tunelab.data.records import Example, read_examples
 from tunelab.errors import DataError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import build_method
-from tunelab.models import count_parameters, load_model, load_tokenizer
-from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume
+from tunelab.models import count_parameters, load_model, load_tokenizer, record_trained_seq_len
+from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume, resume_note
 from tunelab.train.distributed import (
     broadcast_parameters,
     check_fsdp,
@@ -211,7 +210,6 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
                               parameters=n_total, trainable_parameters=n_train, steps=steps, lint=data.lint)
-        started = time.time()
         result = train(net, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
                        evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps, position),
@@ -225,12 +223,14 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
             "train_loss_first": result.losses[0], "train_loss_last": result.losses[-1],
             "eval_before": _metrics(before), "eval_after": _metrics(after),
             "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
-            "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
+            "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(saver.elapsed(), 2),
             "peak_memory_mb": round(result.peak_memory_mb, 1), "resumed_from_step": resume.step if resume else None,
+            **resume_note(resume),
         }
         with full_parameters(net, dist, frozen=cfg.method.name == "full"):  # FSDP: full tensors on rank 0
             if dist.is_main:
                 tokenizer.chat_template = data.template  # the saved tokenizer renders prompts as training did
+                record_trained_seq_len(model, max(len(e.input_ids) for e in data.train), from_scratch=False)
                 method.save(summary["output_dir"], base_model_path=str(Path(cfg.model.base).resolve()),
                             tokenizer=tokenizer)
                 events.write("end", **summary)

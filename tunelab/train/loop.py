@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import TrainSection
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, warn
 from tunelab.train.checkpoint import Resume, set_rng_state
 from tunelab.train.distributed import (
     Dist,
@@ -129,8 +129,9 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
           dist: Dist = SINGLE) -> LoopResult:
     """Run optimizer steps up to `cfg.steps`; `step_batches(step)` gives that step's (global) micro-batches.
 
-    `resume` continues a checkpointed run: its optimizer state, random states, losses and step (the stage
-    has already loaded the trainable weights). `checkpoint(step, optimizer, result)` is called when
+    `resume` continues a checkpointed run: its optimizer state, random states, losses, evaluations, peak memory
+    and step (the stage has already loaded the trainable weights); `wall_s` and `peak_memory_mb` then count the
+    run before the resume too. `checkpoint(step, optimizer, result)` is called when
     `cfg.save_every` says and after the last step. `on_step(step)` is the method's hook after each step.
     Under torchrun every process takes its rows of each micro-batch (see `distributed.py`); under FSDP `model` is
     the `ShardedLM` and `params` its sharded trainable parameters.
@@ -143,10 +144,15 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
         shard_optimizer_state(optimizer)  # FSDP: a checkpoint holds full tensors; keep this process's shards
-        result = LoopResult(losses=list(resume.losses), tokens=resume.tokens, wall_s=resume.wall_s)
+        result = LoopResult(losses=list(resume.losses), evals=list(resume.evals), tokens=resume.tokens,
+                            wall_s=resume.wall_s, peak_memory_mb=resume.peak_memory_mb)
         start = resume.step
         if resume.rng is not None:
             set_rng_state(resume.rng)
+    if cfg.warmup_steps > cfg.steps and start == 0 and dist.is_main:
+        warn(f"train.warmup_steps={cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning rate "
+             f"never reaches train.lr (it peaks at {lr_at(cfg.steps - 1, cfg) / cfg.lr:.0%} of it); lower "
+             f"train.warmup_steps")
     view = view or LiveView(cfg.steps, cfg.log_every)
     model.train()
     with view:
@@ -179,6 +185,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
             result.losses.append(loss_value)
             result.tokens += n_tokens
             result.wall_s += time.perf_counter() - t0  # training time only, evaluation excluded
+            result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
             elapsed = result.wall_s
             eta = elapsed / (step + 1 - start) * (cfg.steps - step - 1) if step + 1 > start else 0.0
             if dist.is_main:
@@ -198,5 +205,12 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
                         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             if checkpoint is not None:
                 checkpoint(step + 1, optimizer, result)
-    result.peak_memory_mb = peak_memory_mb(device)
+    if evaluate and cfg.steps > 0 and not (result.evals and result.evals[-1]["step"] == cfg.steps):
+        # resumed from the last checkpoint (the run had finished, or stopped before writing its output) and the
+        # checkpoint holds no final evaluation: evaluate the weights it holds
+        metrics = {"step": cfg.steps, **evaluate()}
+        result.evals.append(metrics)
+        if dist.is_main:
+            events.write("eval", **metrics)
+    result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
     return result

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,15 @@ from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
 from tunelab.methods import Full
-from tunelab.models import count_parameters, create_model, load_model, load_tokenizer, save_model
-from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume
+from tunelab.models import (
+    count_parameters,
+    create_model,
+    load_model,
+    load_tokenizer,
+    record_trained_seq_len,
+    save_model,
+)
+from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume, resume_note
 from tunelab.train.distributed import check_fsdp, cleanup, full_parameters, init_distributed, shard_model, uses_fsdp
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
@@ -180,7 +186,6 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
                               parameters=n_params, sources=data.report)
-        started = time.time()
         result = train(net, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
                        t, events, evaluate if has_eval else None, view,
                        checkpoint_callback(saver, method, t.steps, lambda step: {
@@ -193,12 +198,13 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
             "steps": t.steps, "train_loss_first": result.losses[0], "train_loss_last": result.losses[-1],
             "eval_before": before, "eval_after": {k: v for k, v in after.items() if k != "step"},
             "tokens": result.tokens, "tokens_per_s": round(result.tokens_per_s, 1),
-            "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(time.time() - started, 2),
+            "train_wall_s": round(result.wall_s, 2), "total_wall_s": round(saver.elapsed(), 2),
             "peak_memory_mb": round(result.peak_memory_mb, 1), "sources": data.report,
-            "resumed_from_step": resume.step if resume else None,
+            "resumed_from_step": resume.step if resume else None, **resume_note(resume),
         }
         with full_parameters(net, dist, frozen=True):  # FSDP: the whole model in full on rank 0
             if dist.is_main:
+                record_trained_seq_len(model, cfg.data.seq_len, from_scratch=cfg.model.base is None)
                 save_model(model, tokenizer, run_dir / "model")
         if dist.is_main:
             events.write("end", **{k: v for k, v in summary.items() if k != "sources"})
