@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tunelab.errors import TunelabError
+from tunelab.evaluate import load_eval_config
 from tunelab.evaluate.judge import (
     LocalJudge,
     URLJudge,
@@ -177,3 +178,43 @@ def test_cli_judge_url_error_and_pairwise_needs_two_models(tmp_path, base_model_
     code = main(["eval", "--models", str(base_model_dir), "--task", f"judge:{prompts}", "--judge-url", url,
                  f"out_dir={tmp_path}"])
     assert code == 2 and "pass at least two with --models" in capsys.readouterr().err
+
+
+class _NotFound(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server's naming): something listens, but not a chat endpoint
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(404)
+        self.send_header("Content-Length", "9")
+        self.end_headers()
+        self.wfile.write(b"not found")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_every_judge_is_checked_before_any_model_loads(tmp_path, base_model_dir, monkeypatch):
+    import tunelab.evaluate.suite as suite
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the judge was checked")
+
+    monkeypatch.setattr(suite, "load_tuned", no_loading)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"instruction": "Say hi"}) + "\n", encoding="utf-8")
+    models = f"{base_model_dir},{base_model_dir}"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        cfg = load_eval_config(None, [f"out_dir={tmp_path}"], models, [f"judge:{prompts}"], url)
+        with pytest.raises(TunelabError, match=re.escape(f"judge endpoint {url}/chat/completions: HTTP 404")):
+            suite.run_eval(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    not_a_model = tmp_path / "judge"
+    not_a_model.mkdir()
+    cfg = load_eval_config(None, [f"out_dir={tmp_path}", f"tasks.0.judge={not_a_model}"], models,
+                           [f"judge:{prompts}"])
+    with pytest.raises(TunelabError, match=f"judge {re.escape(str(not_a_model))}: .* has no config.json"):
+        suite.run_eval(cfg)

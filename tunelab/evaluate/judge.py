@@ -27,10 +27,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 from tunelab.data.chat import chat_template_for
-from tunelab.errors import ConfigError, TunelabError
-from tunelab.serve.generate import answer_chats, load_tuned
+from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.serve.generate import answer_chats, load_tuned, resolve_base
 
 Chat = list[dict[str, str]]
 Judge = Callable[[list[Chat]], list[str]]
@@ -158,22 +159,29 @@ class URLJudge:
                 raise ConfigError(f"api_key_env: the environment variable {api_key_env} is not set")
 
     def check(self) -> None:
-        """Fail early, naming the URL, when nothing listens at the endpoint's host and port."""
+        """Fail early, naming the URL, when the endpoint does not answer a chat as the judge will be asked.
+
+        First a connection to its host and port, then one real chat completion (one token, the same URL, model,
+        key and proxy settings as the judging), so a wrong path, model name or key fails before any model loads.
+        """
         parts = urllib.parse.urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            socket.create_connection((parts.hostname, port), timeout=min(self.timeout, 10)).close()
-        except OSError as e:
-            raise TunelabError(f"judge endpoint {self.url}: cannot connect ({e.strerror or e}); start the server "
-                               f"or fix --judge-url / judge_url") from None
+        proxied = urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname)
+        if not proxied:  # through a proxy only the request below tells
+            try:
+                socket.create_connection((parts.hostname, port), timeout=min(self.timeout, 10)).close()
+            except OSError as e:
+                raise TunelabError(f"judge endpoint {self.url}: cannot connect ({e.strerror or e}); start the "
+                                   f"server or fix --judge-url / judge_url") from None
+        self.ask([{"role": "user", "content": "Reply with OK."}], max_tokens=1)
 
     def __call__(self, chats: list[Chat]) -> list[str]:
         return [self.ask(c) for c in chats]
 
-    def ask(self, chat: Chat) -> str:
+    def ask(self, chat: Chat, max_tokens: int | None = None) -> str:
         """The endpoint's reply to one chat."""
         body = json.dumps({"model": self.model, "messages": chat, "temperature": 0,
-                           "max_tokens": self.max_tokens}).encode("utf-8")
+                           "max_tokens": max_tokens or self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -207,6 +215,16 @@ def endpoint_url(url: str) -> str:
     if url.endswith("/chat/completions"):
         return url
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+def check_local_judge(model_ref: str) -> None:
+    """Fail early, before any model loads, when a local judge is not a model (or adapter with its base) directory."""
+    base, adapter = resolve_base(model_ref, None)
+    for d, what in ((base, "model"), (adapter, "adapter")):
+        name = "config.json" if what == "model" else "adapter_config.json"
+        if d is not None and not (Path(d) / name).is_file():
+            raise ModelError(f"judge {model_ref}: {d} has no {name}, so it is not a {what} directory; give judge: "
+                             f"a model directory (or an adapter directory), or judge_url: an endpoint")
 
 
 class LocalJudge:

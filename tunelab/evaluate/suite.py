@@ -30,7 +30,7 @@ from tunelab.errors import ConfigError
 from tunelab.evaluate.choice import evaluate_choice, read_choice_dir
 from tunelab.evaluate.common import Progress as ProgressFn
 from tunelab.evaluate.generation import evaluate_generation, generate_replies, read_prompts
-from tunelab.evaluate.judge import Judge, LocalJudge, URLJudge, judge_pairwise, judge_single
+from tunelab.evaluate.judge import Judge, LocalJudge, URLJudge, check_local_judge, judge_pairwise, judge_single
 from tunelab.evaluate.perplexity import evaluate_perplexity, read_text_files
 from tunelab.evaluate.report import comparison, fmt, write_report
 from tunelab.io import clear_outputs, ensure_writable_dir
@@ -139,7 +139,7 @@ def prepare_task(task: Section, name: str, n_models: int) -> Prepared:
             loaded.append(LocalJudge(task.judge, task.judge_max_tokens, task.batch_size))
         return loaded[0]
 
-    resolve_base(task.judge, None)  # a missing judge directory fails now
+    check_local_judge(task.judge)  # a missing judge directory (or one with no model) fails now
     return Prepared(task, name, items, local)
 
 
