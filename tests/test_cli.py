@@ -94,7 +94,8 @@ def test_tokenizer_train_command(tmp_path, corpus_file):
 
 
 def test_tokenizer_output_errors(tmp_path, corpus_file):
-    assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", corpus_file / "tok"), "cannot write")
+    (tmp_path / "afile").write_text("")
+    assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", tmp_path / "afile" / "tok"), "cannot write")
     assert_clean_error(tunelab("tokenizer", "train", corpus_file, "--out", ".", cwd=tmp_path), "current directory")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

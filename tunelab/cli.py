@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from tunelab.train.pretrain import run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides + _resume_overrides(args))
-    summary = run_pretrain(cfg)
+    summary = run_pretrain(cfg, recipe=args.config)
     show_pretrain_summary(summary)
     return 0
 
@@ -48,7 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tunelab.demo import run_demo
 
     cfg = load_config(DemoConfig, args.config, args.overrides)
-    summary = run_demo(cfg)
+    summary = run_demo(cfg, recipe=args.config)
     show_pretrain_summary(summary["pretrain"])
     table = Table(title="sample completions (greedy)", show_lines=True)
     for col in ("prompt", "expected", "before", "after"):
@@ -94,7 +95,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from tunelab.train.finetune import run_finetune
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides + _resume_overrides(args))
-    summary = run_finetune(cfg)
+    summary = run_finetune(cfg, recipe=args.config)
     show_finetune_summary(summary)
     return 0
 
@@ -119,8 +120,12 @@ def show_finetune_summary(s: dict) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.errors import ConfigError
     from tunelab.export import export_merged
 
+    if not args.tolerance >= 0:  # also refuses nan
+        raise ConfigError(f"--tolerance must be >= 0 (got {args.tolerance:g}): it is the largest |logit "
+                          f"difference| allowed between the merged model and base + adapter")
     if args.base:
         report = export_merged(args.base, args.out, adapter=args.adapter, tolerance=args.tolerance)
     else:
@@ -135,7 +140,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate import load_eval_config, run_eval
 
     cfg = load_eval_config(args.config, args.overrides, args.models, args.task, args.judge_url)
-    results = run_eval(cfg, log=lambda line: console.print(line, highlight=False))
+    results = run_eval(cfg, log=lambda line: console.print(line, highlight=False), recipe=args.config)
     show_eval_results(results)
     return 0
 
@@ -253,10 +258,17 @@ def _sampling_args(args: argparse.Namespace) -> dict:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.data.chat import end_of_turn_ids, prompt_for_generation
+    from tunelab.errors import ConfigError
     from tunelab.serve.generate import stream
 
     sampling = _sampling_args(args)
+    if args.system and not args.chat:
+        raise ConfigError("--system needs --chat: a system message is a turn of the chat template, and without "
+                          "--chat the prompt is completed as raw text")
     prompts = args.prompts if args.prompts != ["-"] else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not args.chat and "" in prompts:
+        raise ConfigError(f"prompt {prompts.index('') + 1} is empty: there is no text to complete; give some "
+                          f"text, or --chat to ask for a reply to an empty user turn")
     model, tokenizer, template = _load_for_generation(args)
     stop = end_of_turn_ids(tokenizer, template) if args.chat else []
     for prompt in prompts:
@@ -311,6 +323,10 @@ def _cmd_data_lint(args: argparse.Namespace) -> int:
     from tunelab.data.records import read_examples
     from tunelab.models import load_tokenizer
 
+    if args.json:
+        from tunelab.outputs import check_outputs
+        check_outputs([args.json], {"data": args.files + args.eval, "tokenizer": args.tokenizer,
+                                    "chat template": args.chat_template})
     tokenizer = load_tokenizer(args.tokenizer)
     template = chat_template_for(tokenizer, args.chat_template)
 
@@ -356,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    parser.commands = sub  # parse_args reports a sub-command's errors with its own usage
 
     p = sub.add_parser("pretrain", help="pretrain a preset from scratch or continue pretraining a local model")
     p.add_argument("config", help="YAML recipe, e.g. examples/pretrain_text.yaml")
@@ -447,11 +464,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # `train.lr=3e-4`, `tasks.0.k=0`, `name=x`
+NEEDS_RECIPE = ("pretrain", "compare")  # the others also run from overrides alone
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; options, the recipe and `key=value` overrides may come in any order.
+
+    argparse alone stops filling the positionals at the first option (`tunelab eval r.yaml --models m k=v`
+    would leave `k=v` over), so the positionals left over are collected here: the one that is not an override
+    is the recipe (`tunelab demo train.steps=50` has none), the overrides keep their command-line order.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # the top-level flag, given after the sub-command
+        args.debug, extra = True, [x for x in extra if x != "--debug"]
+    if not hasattr(args, "overrides"):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    command = parser.commands.choices[args.command]
+    options = [x for x in extra if x.startswith("-")]
+    if options:
+        command.error(f"unrecognized arguments: {' '.join(options)}")
+    tokens = ([args.config] if args.config is not None else []) + args.overrides + extra
+    recipes = [t for t in tokens if not (OVERRIDE.match(t) and not Path(t).is_file())]
+    args.overrides = [t for t in tokens if t not in recipes]
+    if len(recipes) > 1:
+        command.error(f"more than one recipe ({', '.join(recipes)}): give one YAML recipe and key=value overrides")
+    if not recipes and args.command in NEEDS_RECIPE:
+        command.error(f"a recipe is required: tunelab {args.command} RECIPE.yaml [key=value ...]")
+    args.config = recipes[0] if recipes else None
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in ("demo", "finetune", "eval") and args.config and "=" in args.config:
-        args.overrides.insert(0, args.config)  # `tunelab demo train.steps=50`: an override, not a recipe
-        args.config = None
+    args = parse_args(argv)
     try:
         return args.func(args)
     except TunelabError as e:

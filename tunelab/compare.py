@@ -63,7 +63,8 @@ from tunelab.config import (
 )
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
 from tunelab.evaluate.generation import Item, evaluate_generation, read_prompts
-from tunelab.io import atomic_write_json, atomic_write_text, clear_outputs, ensure_writable_dir
+from tunelab.io import atomic_write_json, atomic_write_text, clear_outputs
+from tunelab.outputs import check_run_dir, open_run_dir
 from tunelab.train.checkpoint import fingerprint
 from tunelab.train.events import EventLog, read_events
 from tunelab.train.finetune import read_all, run_finetune, split_examples
@@ -73,6 +74,7 @@ BUDGET_KEYS = ("steps", "epochs", "eval_batches")  # the same for every method: 
 # recipe keys that do not change what a run computes (a run directory may move; logging and saving may differ)
 FREE_TRAIN_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "resume_force")
 OUTPUTS = ["results.json", "results.csv", "report.html"]
+RUN_KIND = "comparison"
 
 
 @dataclass
@@ -103,9 +105,13 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, rerun: bool =
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("tunelab compare runs its methods one after another, each in its own process; run it "
                           "without torchrun (a method's run may not be distributed)")
-    out = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "comparison directory")
+    out = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND, OUTPUTS + ["events.jsonl", "base", "runs"],
+                        {"base model": cfg.model.base if cfg.model else None, "data": cfg.data.train + cfg.data.eval,
+                         "eval data": cfg.eval.path if cfg.eval else None,
+                         "recipe": source if Path(source).is_file() else None})
     entries = _select(cfg, only)
     items = _preflight(cfg)
+    open_run_dir(out, RUN_KIND)
     clear_outputs(out, OUTPUTS)
     ctx: Any = None
 
@@ -181,7 +187,8 @@ def _plan(cfg: CompareConfig, index: int, entry, base: str, runs: Path, source: 
         if fixed:
             raise ConfigError(f"{where}: train.{fixed[0]} cannot differ between methods (every method gets the same "
                               f"budget); set it in the shared train: section instead")
-        train = validate(FinetuneTrain, {**cfg.train.model_dump(mode="json"), **overrides}, source=f"{where}: train")
+        train = validate(FinetuneTrain, {**cfg.train.model_dump(mode="json", exclude_unset=True), **overrides},
+                         source=f"{where}: train")  # exclude_unset: what the recipe set stays what was set
         shared = cfg.train.micro_batch_size * cfg.train.grad_accum
         if train.micro_batch_size * train.grad_accum != shared:
             raise ConfigError(f"{where}: train.micro_batch_size x train.grad_accum must stay {shared} (the shared "

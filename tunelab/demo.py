@@ -41,8 +41,10 @@ from tunelab.config import (
 from tunelab.data.demo import fact_completion_pairs, generate_demo_data
 from tunelab.data.text import read_documents
 from tunelab.evaluate import run_eval
-from tunelab.io import atomic_write_json, atomic_write_text, clear_outputs, ensure_writable_dir
+from tunelab.evaluate.suite import RUN_KIND as EVAL_KIND
+from tunelab.io import atomic_write_json, atomic_write_text, clear_outputs
 from tunelab.models import load_model
+from tunelab.outputs import check_run_dir, open_run_dir
 from tunelab.serve.generate import complete
 from tunelab.train.finetune import run_finetune
 from tunelab.train.pretrain import build_model, run_pretrain, split_documents
@@ -112,10 +114,15 @@ def task_accuracy(results: dict, model: int) -> dict[str, Any]:
             "replies": [s["reply"] for s in r["samples"]]}
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the demo end to end; returns (and writes) its summary."""
+RUN_KIND = "demo run"
+RUN_ENTRIES = ["summary.json", "data", "tokenizer", "pretrain", "finetune", "eval"]
+
+
+def run_demo(cfg: DemoConfig, recipe: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo end to end; returns (and writes) its summary. `recipe`: the YAML it came from, if any."""
     started = time.time()
-    run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
+    run_dir = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND, RUN_ENTRIES, {"recipe": recipe})
+    open_run_dir(run_dir, RUN_KIND)
     clear_outputs(run_dir, ["summary.json", "eval"])
     manifest = generate_demo_data(run_dir / "data", seed=cfg.seed, scale=cfg.data_scale)
     corpus = [run_dir / "data" / "pretrain" / f for f in SOURCE_WEIGHTS]
@@ -138,6 +145,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tests = [json.loads(line) for line in test_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     finetune = run_finetune(finetune_config(cfg, run_dir, pretrain["model_dir"]))
 
+    open_run_dir(run_dir / "eval", EVAL_KIND)  # the suite's data and recipe live beside its results
     write_heldout_text(pcfg, run_dir / "eval" / "heldout")
     ecfg = eval_config(cfg, run_dir, pretrain["model_dir"], finetune["output_dir"])
     atomic_write_text(run_dir / "eval" / "recipe.yaml", yaml.safe_dump(dump_config(ecfg), allow_unicode=True,

@@ -17,8 +17,10 @@ from tunelab.errors import ModelError
 from tunelab.io import atomic_dir, atomic_write_json
 from tunelab.methods import load_adapter
 from tunelab.models import load_model, load_tokenizer, write_model_files
+from tunelab.outputs import check_outputs, check_replaceable
 from tunelab.serve.generate import resolve_base
 
+EXPORT_KIND = "merged model"
 PROBE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "你好，世界！今天天气很好。",
                "def add(a, b):\n    return a + b\n", "1 2 3 4 5 6 7 8 9 10"]
 
@@ -49,8 +51,11 @@ def export_merged(model_ref: str | Path, out_dir: str | Path, adapter: str | Pat
     """Merge `adapter` (or the adapter dir `model_ref`) into its base, check equivalence, save to `out_dir`."""
     base, adapter_dir = resolve_base(model_ref, adapter)
     if adapter_dir is None:
-        raise ModelError(f"{model_ref}: not an adapter directory (no adapter_config.json) and no --adapter given; "
-                         f"a full fine-tune's model/ directory is already a standard HF model")
+        raise ModelError(f"{model_ref}: not an adapter directory (no adapter_config.json): export merges an adapter "
+                         f"into its base, and a full fine-tune's model/ directory is already a standard HF model")
+    inputs = {"adapter": adapter_dir, "base model": base}
+    check_outputs([out_dir], inputs)  # before any work: never merge onto the base or into the adapter
+    check_replaceable(out_dir, EXPORT_KIND)
     own_tok = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if own_tok else base)
     reference = load_model(base)
@@ -60,7 +65,7 @@ def export_merged(model_ref: str | Path, out_dir: str | Path, adapter: str | Pat
                          f"serve it with its base instead (tunelab generate/chat {adapter_dir})")
     merged = load_adapter(load_model(base), adapter_dir).unload()
     probes = probe_inputs(tokenizer)
-    with atomic_dir(out_dir, marker="config.json") as tmp:
+    with atomic_dir(out_dir, kind=EXPORT_KIND, inputs=inputs) as tmp:
         write_model_files(merged, tokenizer, tmp)
         diff = max_logit_diff(reference, load_model(tmp), probes)
         report = {"base": str(base), "adapter": str(adapter_dir), "out_dir": str(out_dir),

@@ -6,25 +6,11 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-
-
-def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Path:
-    """Create `path` if needed and check that files can be written there, else a clear error."""
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".tunelab-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise TunelabError(f"{p}: cannot write to this {what} ({e.strerror or e}); "
-                           f"choose a writable location (e.g. out_dir=runs)") from None
-    return p
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,23 +50,19 @@ def clear_outputs(run_dir: Path, names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
+def atomic_dir(path: str | Path, kind: str, inputs: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path`, on error it is deleted.
 
     The old `path` (if any) stays in place until the new one is complete, so an interrupted write
     leaves either the old complete directory or nothing, never a partial one under the final name.
-    An existing non-empty `path` is only replaced when it holds `marker` (it is an earlier output of
-    the same kind), never when it is the working directory or one of its parents.
+    The output rule of `tunelab.outputs` applies: `path` may not be, contain or lie inside any of
+    `inputs`, and an existing non-empty `path` is only replaced when tunelab marked it as a `kind`.
     """
-    final, cwd = Path(path).resolve(), Path.cwd().resolve()
-    if final == cwd or final in cwd.parents:
-        raise TunelabError(f"{path}: refusing to replace the current directory or a parent of it; "
-                           f"give the name of a new directory")
-    if final.exists() and not final.is_dir():
-        raise TunelabError(f"{path} exists and is a file; give the name of a directory")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).exists():
-        raise TunelabError(f"{path} exists and is not an earlier output of this kind (it has no {marker}); "
-                           f"refusing to replace it: give the name of a new or empty directory")
+    from tunelab.outputs import check_outputs, check_replaceable, write_marker
+
+    check_outputs([path], inputs or {})
+    check_replaceable(path, kind)
+    final = Path(path).resolve()
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +72,7 @@ def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
         raise TunelabError(f"{path}: cannot write here ({e.strerror or e}); choose a writable location") from None
     try:
         yield tmp
+        write_marker(tmp, kind)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

@@ -7,6 +7,7 @@ What `save_model` writes loads in plain `transformers` without tunelab and gives
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -46,7 +47,9 @@ def require_local_dir(ref: str | Path, what: str = "model") -> Path:
     if p.is_dir():
         return p
     hint = ""
-    if not p.exists() and str(ref).count("/") == 1 and not str(ref).startswith((".", "/")):
+    first = Path(str(ref).split("/")[0])
+    if not p.exists() and str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~")) \
+            and not first.exists():  # `runs/model` with a local runs/ is a missing path, not a Hub id
         hint = (f" If '{ref}' is a Hub id, download it once outside tunelab (e.g. `hf download {ref} "
                 f"--local-dir models/{Path(str(ref)).name}`) and pass that directory.")
     raise ModelError(f"{what} '{ref}' is not a local directory: tunelab works from local directories "
@@ -70,6 +73,15 @@ def load_model(ref: str | Path, dtype: torch.dtype = torch.float32) -> PreTraine
     """Load a causal LM from a local HF directory (fp32 master weights by default, for training)."""
     path = require_local_dir(ref, "model")
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            try:
+                base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+            except (OSError, ValueError, KeyError, TypeError):
+                base = None
+            which = f"its base is {base}" if base else "the model it was trained on"
+            raise ModelError(f"{path}: this is an adapter directory (adapter_config.json), not a model; give its "
+                             f"base model directory instead ({which}; e.g. as model.base), or merge the adapter "
+                             f"into its base first with `tunelab export {path} --out <dir>` and give that directory")
         raise ModelError(f"{path}: no config.json; a model directory is what `save_pretrained` writes")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -100,9 +112,11 @@ def generation_config_for(tokenizer) -> GenerationConfig:
                             pad_token_id=tokenizer.pad_token_id)
 
 
-def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
-    """Write config.json, model.safetensors, generation_config.json and the tokenizer, atomically."""
-    with atomic_dir(out_dir, marker="config.json") as tmp:
+def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path, inputs: dict | None = None) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer, atomically.
+
+    `inputs` (kind -> path) are the paths this model was made from, which `out_dir` may not touch."""
+    with atomic_dir(out_dir, kind="model", inputs=inputs) as tmp:
         write_model_files(model, tokenizer, tmp)
     return Path(out_dir)
 
@@ -164,3 +178,26 @@ def positions_warning(model, n_tokens: int, what: str) -> str | None:
         return None
     return (f"{what} {n_tokens} tokens, beyond the {trained} positions the model was trained on "
             f"(config.json {TRAINED_SEQ_LEN}); its predictions past them are unreliable")
+
+
+def untrained_rows(model, ids: list[int], n_tokens: int) -> list[int]:
+    """Those of `ids` whose input-embedding rows look never trained (the token never was an input).
+
+    Two signatures, measured on models tunelab pretrained: a row that is (near) zero, as some releases leave their
+    reserved tokens; or a row that sits with the rows past the tokenizer's `n_tokens` (vocabulary padding, never an
+    input by construction). Under AdamW a tied embedding's unused rows do not stay at their initial values: the
+    output softmax gives them all nearly the same small gradient, which Adam turns into full-size steps, so they
+    move together to one shared vector and differ only by what is left of their random initialisation (in the
+    demo's tiny model their norms equal the trained rows', but they lie within that initial spread of each
+    other). Without padding rows only the zero test applies.
+    """
+    weight = model.get_input_embeddings().weight.detach().float()
+    norms = weight.norm(dim=1)
+    scale = float(norms[:n_tokens].median())
+    out = [i for i in ids if float(norms[i]) <= 1e-3 * scale]
+    unused = weight[n_tokens:]
+    if len(unused) >= 2:
+        centre = unused.mean(0)
+        spread = float((unused - centre).norm(dim=1).max())
+        out += [i for i in ids if i not in out and float((weight[i] - centre).norm()) <= 1.5 * spread]
+    return out

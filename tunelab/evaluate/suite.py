@@ -26,15 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunelab import __version__
 from tunelab.config import EvalConfig, Section, apply_override, read_yaml, validate
 from tunelab.data.chat import chat_template_for
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, warn
 from tunelab.evaluate.choice import evaluate_choice, read_choice_dir
 from tunelab.evaluate.common import Progress as ProgressFn
 from tunelab.evaluate.generation import evaluate_generation, generate_replies, read_prompts
 from tunelab.evaluate.judge import Judge, LocalJudge, URLJudge, check_local_judge, judge_pairwise, judge_single
 from tunelab.evaluate.perplexity import evaluate_perplexity, read_text_files
 from tunelab.evaluate.report import comparison, fmt, write_report
-from tunelab.io import clear_outputs, ensure_writable_dir
 from tunelab.models import inference_placement
+from tunelab.outputs import check_run_dir, open_run_dir
 from tunelab.serve.generate import load_tuned, resolve_base
 
 
@@ -72,7 +72,7 @@ def load_eval_config(path: str | None = None, overrides: list[str] = (), models:
     if not raw.get("tasks"):
         raise ConfigError(f"{path or 'command line'}: no tasks; give a recipe with tasks: (see examples/"
                           f"eval_cmmlu.yaml) or --task type:path (perplexity, choice, generation, judge)")
-    cfg = validate(EvalConfig, raw, source=str(path) if path else "command line")
+    cfg = validate(EvalConfig, raw, source=str(path) if path else "command line", overrides=overrides)
     if not cfg.models:
         raise ConfigError("no models to evaluate: pass --models dir[,dir...] (a model or adapter directory, "
                           "optionally label=dir) or list them under models: in the recipe")
@@ -86,6 +86,10 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
         label, sep, ref = spec.strip().partition("=")
         if not sep:
             label, ref = _label(spec.strip()), spec.strip()
+        elif not ref.strip() or not label.strip():
+            raise ConfigError(f"--models / models: {spec.strip()!r} names no "
+                              f"{'directory' if label.strip() else 'label'}; give dir or label=dir (e.g. "
+                              f"base=runs/demo/pretrain/model), separated by commas")
         while label in {lab for lab, _ in out}:
             label += "'"
         out.append((label, ref))
@@ -120,8 +124,13 @@ def prepare_task(task: Section, name: str, n_models: int) -> Prepared:
     if task.type == "perplexity":
         return Prepared(task, name, read_text_files(task.path, task.text_key))
     if task.type == "choice":
-        return Prepared(task, name, read_choice_dir(task.path, task.split, task.fewshot_split, task.k,
-                                                    task.subjects or None, task.limit))
+        subjects = read_choice_dir(task.path, task.split, task.fewshot_split, task.k, task.subjects or None, task.limit)
+        short = [s for s in subjects if len(s.dev) < task.k]
+        if short:
+            warn(f"task {name!r}: k={task.k}, but {len(short)} of {len(subjects)} subject(s) have fewer few-shot "
+                 f"examples in {task.fewshot_split}/ (e.g. {short[0].name}: {len(short[0].dev)}); their prompts use "
+                 f"all they have, and the results report the k actually used")
+        return Prepared(task, name, subjects)
     if task.type == "generation":
         return Prepared(task, name, read_prompts(task.path, task.group_by, True, task.limit))
     items = read_prompts(task.path, need_reference=False, limit=task.limit)
@@ -187,18 +196,27 @@ def summary_line(result: dict) -> str:
                      if "/" not in k and not k.endswith("_micro"))
 
 
-def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
-    """Run the suite on every model, judge pairs, write results.json, report.html and events.jsonl."""
+RUN_KIND = "eval run"
+RUN_ENTRIES = ["results.json", "report.html", "events.jsonl"]
+
+
+def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print, recipe: str | Path | None = None) -> dict:
+    """Run the suite on every model, judge pairs, write results.json, report.html and events.jsonl.
+
+    A previous run's results stay in place until the new ones are complete (each is replaced atomically)."""
     started = time.time()
-    out = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "eval output directory")
-    clear_outputs(out, ["results.json", "report.html"])
     models = parse_models(cfg.models)
+    refs: list[Any] = []
     for _, ref in models:
-        resolve_base(ref, None)  # a missing model or adapter base fails before any work
+        refs += [p for p in resolve_base(ref, None) if p]  # a missing model or adapter base fails before any work
+    out = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND, RUN_ENTRIES, {
+        "model": refs, "task data": [getattr(t, "path", None) for t in cfg.tasks],
+        "judge model": [getattr(t, "judge", None) for t in cfg.tasks], "recipe": recipe})
     names = task_names(cfg.tasks)
     prepared = [prepare_task(t, n, len(models)) for t, n in zip(cfg.tasks, names)]
     device, dtype = inference_placement(cfg.precision)
     placement = f"{device.type} {str(dtype).removeprefix('torch.')}"
+    open_run_dir(out, RUN_KIND)
     entries = []
     with open(out / "events.jsonl", "w", encoding="utf-8") as events:
         def event(name: str, **fields: Any) -> None:

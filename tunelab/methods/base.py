@@ -8,11 +8,13 @@ Afterwards the method saves itself (`save`), or is folded into the base weights 
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -77,12 +79,37 @@ def write_adapter_dir(out_dir: str | Path, config: dict[str, Any], tensors: dict
                       tokenizer=None) -> Path:
     """Write an adapter directory atomically: `adapter_config.json`, `adapter_model.safetensors`[, tokenizer]."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    metadata = {"format": "pt", **_base_relative(config.get("base_model_name_or_path"), out_dir)}
+    base = config.get("base_model_name_or_path")
+    with atomic_dir(out_dir, kind="adapter", inputs={"base model": base}) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+BASE_RELATIVE = "tunelab.base_relative"  # weights-file metadata: the base's path relative to the adapter directory
+
+
+def _base_relative(base: str | None, out_dir: str | Path) -> dict[str, str]:
+    """`{BASE_RELATIVE: path}` when `base` is a local directory: the base as seen from the adapter, which still
+    finds it when the project moves. adapter_config.json keeps the path as given, as PEFT reads it (an extra key
+    there would make PEFT warn about a newer version), so the relative one goes in the weights' metadata."""
+    if not base or not Path(base).is_dir():
+        return {}
+    return {BASE_RELATIVE: os.path.relpath(Path(base).resolve(), Path(out_dir).resolve())}
+
+
+def recorded_base(adapter_dir: str | Path) -> Path | None:
+    """The base directory recorded relative to `adapter_dir` when the adapter was written (None if none)."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            rel = (f.metadata() or {}).get(BASE_RELATIVE)
+    except Exception:  # no weights file or not safetensors: the loader reports it when it reads the weights
+        return None
+    return Path(adapter_dir) / rel if rel else None
 
 
 def load_adapter_weights(method: Method, adapter_dir: str | Path, cfg: dict[str, Any], modules_hint: str) -> None:

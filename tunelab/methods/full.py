@@ -80,7 +80,7 @@ class Full(Method):
         model = self._require_model()
         if not hasattr(model, "save_pretrained"):
             raise ModelError(f"{type(model).__name__} is not a Hugging Face model; save its state_dict() instead")
-        return save_model(model, tokenizer, out_dir)
+        return save_model(model, tokenizer, out_dir, inputs={"base model": base_model_path})
 
     def _require_model(self) -> nn.Module:
         if self.model is None:

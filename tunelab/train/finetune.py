@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from tunelab.config import FinetuneConfig, dump_config
-from tunelab.data.chat import Encoded, chat_template_for, encode_example
+from tunelab.data.chat import Encoded, chat_template_for, encode_example, template_special_ids
 from tunelab.data.lint import format_lint, lint_examples
 from tunelab.data.records import Example, read_examples
-from tunelab.errors import DataError
-from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
+from tunelab.errors import DataError, warn
+from tunelab.io import atomic_write_json, clear_outputs
 from tunelab.methods import build_method
-from tunelab.models import count_parameters, load_model, load_tokenizer, record_trained_seq_len
+from tunelab.models import count_parameters, load_model, load_tokenizer, record_trained_seq_len, untrained_rows
+from tunelab.outputs import check_run_dir, open_run_dir
 from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume, resume_note
 from tunelab.train.distributed import (
     broadcast_parameters,
@@ -153,27 +154,48 @@ def resolve_steps(cfg: FinetuneConfig, n_examples: int) -> int:
     t = cfg.train
     if t.epochs is None:
         return t.steps
-    return max(1, math.ceil(t.epochs * n_examples / (t.micro_batch_size * t.grad_accum)))
+    steps = max(1, math.ceil(t.epochs * n_examples / (t.micro_batch_size * t.grad_accum)))
+    if "steps" in t.model_fields_set:
+        warn(f"train.epochs={t.epochs:g} decides the number of steps ({steps}), so train.steps={t.steps} is ignored; "
+             f"set only one of them (train.epochs=null to train {t.steps} steps)")
+    return steps
 
 
-def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None) -> dict[str, Any]:
-    """Run (or resume) a whole fine-tuning job; returns (and writes) its summary."""
+RUN_KIND = "finetune run"
+RUN_ENTRIES = ["config.json", "lint.json", "events.jsonl", "summary.json", "model", "adapter", "checkpoints"]
+
+
+def run_inputs(cfg: FinetuneConfig, recipe: str | Path | None = None) -> dict[str, Any]:
+    """Every path a fine-tuning run reads, which none of its outputs may touch."""
+    template = cfg.data.chat_template
+    return {"base model": cfg.model.base, "tokenizer": cfg.model.tokenizer,
+            "data": list(cfg.data.train) + list(cfg.data.eval),
+            "chat template": template if template not in (None, "chatml", "plain") else None, "recipe": recipe}
+
+
+def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None,
+                 recipe: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) a whole fine-tuning job; returns (and writes) its summary. `recipe` is the YAML it came
+    from, if any (an input no output may touch)."""
     dist = init_distributed()
     fsdp = uses_fsdp(cfg.train.distributed, dist)
     if fsdp:
         check_fsdp(device or dist.device)
-    run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
+    run_dir = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND, RUN_ENTRIES, run_inputs(cfg, recipe))
+    model = load_model(cfg.model.base)  # first: a wrong model.base is reported as the model, not its tokenizer
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.base)
-    model = load_model(cfg.model.base)
     data = prepare_sft_data(cfg, tokenizer)
     steps = resolve_steps(cfg, len(data.train))
     t = cfg.train.model_copy(update={"steps": steps})
     torch.manual_seed(cfg.seed)  # the adapter's initialisation, dropout
     method = build_method(cfg.method)
     method.inject(model)
+    if dist.is_main:
+        warn_untrained_template_tokens(model, tokenizer, data.template, cfg)
     if not fsdp:  # FSDP moves each shard to the device as it shards the model
         model.to(device or dist.device)
     config = dump_config(cfg)
+    open_run_dir(run_dir, RUN_KIND)
     resume, saver = prepare_resume(run_dir, t, config, fingerprint(cfg.data.train + cfg.data.eval), method,
                                    dist.rank, dist.world_size)
     broadcast_parameters(method.trainable_parameters(), dist)
@@ -238,6 +260,18 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         atomic_write_json(run_dir / "summary.json", summary)
     cleanup(dist)
     return summary
+
+
+def warn_untrained_template_tokens(model, tokenizer, template: str, cfg: FinetuneConfig) -> None:
+    """Warn when the chat template's special tokens have embeddings that were never trained and stay frozen."""
+    if model.get_input_embeddings().weight.requires_grad:
+        return  # full fine-tuning trains them
+    bad = untrained_rows(model, template_special_ids(tokenizer, template), len(tokenizer))
+    if bad:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(i) for i in bad)
+        warn(f"{cfg.model.base}: the chat template's {names} look never trained (their embedding rows sit with the "
+             f"unused rows), and method {cfg.method.name} keeps the embeddings frozen, so the model cannot learn to "
+             f"read them; use data.chat_template=plain (answers end with EOS), or method.name=full")
 
 
 def method_hook(method, events: EventLog, view: LiveView, dist):

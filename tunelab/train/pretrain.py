@@ -21,7 +21,7 @@ from tunelab.data.mixture import Schedule, mixture_schedule
 from tunelab.data.packing import Packed, pack_documents, tokenize_documents
 from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
-from tunelab.io import atomic_write_json, clear_outputs, ensure_writable_dir
+from tunelab.io import atomic_write_json, clear_outputs
 from tunelab.methods import Full
 from tunelab.models import (
     count_parameters,
@@ -31,6 +31,7 @@ from tunelab.models import (
     record_trained_seq_len,
     save_model,
 )
+from tunelab.outputs import check_run_dir, open_run_dir
 from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerprint, prepare_resume, resume_note
 from tunelab.train.distributed import check_fsdp, cleanup, full_parameters, init_distributed, shard_model, uses_fsdp
 from tunelab.train.events import EventLog, LiveView
@@ -139,13 +140,24 @@ def build_model(cfg: PretrainConfig):
     return model, tokenizer
 
 
-def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, Any]:
-    """Run (or resume) a whole pretraining job; returns (and writes) its summary."""
+RUN_KIND = "pretrain run"
+RUN_ENTRIES = ["config.json", "events.jsonl", "summary.json", "model", "checkpoints"]
+
+
+def run_inputs(cfg: PretrainConfig, recipe: str | Path | None = None) -> dict[str, Any]:
+    """Every path a pretraining run reads, which none of its outputs may touch."""
+    return {"base model": cfg.model.base, "tokenizer": cfg.model.tokenizer,
+            "data": [s.path for s in cfg.data.sources] + list(cfg.data.eval_paths), "recipe": recipe}
+
+
+def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) a whole pretraining job; returns (and writes) its summary. `recipe` is the YAML it came
+    from, if any (an input no output may touch)."""
     dist = init_distributed()
     fsdp = uses_fsdp(cfg.train.distributed, dist)
     if fsdp:
         check_fsdp(device or dist.device)
-    run_dir = ensure_writable_dir(Path(cfg.out_dir) / cfg.name, "run directory")
+    run_dir = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND, RUN_ENTRIES, run_inputs(cfg, recipe))
     model, tokenizer = build_model(cfg)
     data = prepare_data(cfg, tokenizer)
     if not fsdp:  # FSDP moves each shard to the device as it shards the model
@@ -154,6 +166,7 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None) -> dict[str, An
     method.inject(model)
     config = dump_config(cfg)
     sources = [s.path for s in cfg.data.sources] + list(cfg.data.eval_paths)
+    open_run_dir(run_dir, RUN_KIND)
     resume, saver = prepare_resume(run_dir, cfg.train, config, fingerprint(sources), method, dist.rank,
                                    dist.world_size)
     net = shard_model(model, dist, device or dist.device) if fsdp else model  # what trains and evaluates

@@ -22,6 +22,7 @@ from tunelab.data.chat import DEFAULT_TEMPLATE as CHAT_TEMPLATE
 from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir
+from tunelab.outputs import check_outputs, check_replaceable
 
 EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
@@ -60,17 +61,19 @@ def train_tokenizer_files(paths: list[str | Path], out_dir: str | Path, vocab_si
                           min_frequency: int = 2, text_key: str = "text",
                           extra_special_tokens: list[str] = (), split_cjk: bool = False) -> PreTrainedTokenizerFast:
     """Train on the documents of text files (.txt/.jsonl/.json) and save atomically to `out_dir`."""
+    check_outputs([out_dir], {"corpus": paths})
+    check_replaceable(out_dir, "tokenizer")
     docs: list[str] = []
     for p in paths:
         docs.extend(read_documents(p, text_key))
     tok = train_tokenizer(docs, vocab_size, min_frequency, extra_special_tokens, split_cjk)
-    save_tokenizer(tok, out_dir)
+    save_tokenizer(tok, out_dir, inputs={"corpus": paths})
     return tok
 
 
-def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
-    """Save a tokenizer directory atomically."""
-    with atomic_dir(out_dir, marker="tokenizer_config.json") as tmp:
+def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: str | Path, inputs: dict | None = None) -> Path:
+    """Save a tokenizer directory atomically (never onto or around `inputs`, never over a non-tokenizer)."""
+    with atomic_dir(out_dir, kind="tokenizer", inputs=inputs) as tmp:
         tok.save_pretrained(tmp)
     return Path(out_dir)
 
