@@ -147,6 +147,13 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     """Stop ids: the special token the mask trains after an assistant's content (its end of turn), and EOS."""
     full = render(_PROBE, tokenizer, template)
     ids, offsets = _tokenize_with_offsets(tokenizer, full)
+def template_special_ids(tokenizer, template: str) -> list[int]:
+    """The special (added) tokens a conversation rendered with `template` holds, e.g. <|im_start|> and <|im_end|>."""
+    ids, _ = _tokenize_with_offsets(tokenizer, render(_PROBE, tokenizer, template))
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return list(dict.fromkeys(i for i in ids if i in special))
+
+
     spans = _assistant_spans(_PROBE, tokenizer, template, full, "end_of_turn_ids")
     labels = _labels(ids, offsets, spans)
     # special tokens only: a plain-text separator such as "\n\n" would cut answers short
