@@ -89,7 +89,7 @@ def test_example_recipe_validates():
     ("choice:{data}/choice", ["tasks.0.k=-1"], "tasks.0.k: Input should be greater than or equal to 0"),
     ("quiz:{data}/choice", [], "tasks.0: unknown type 'quiz'; set type to one of perplexity, choice"),
     ("choice", [], "--task 'choice': expected type:path"),
-    ("choice:{data}/missing", [], "missing: no 'test/' folder"),
+    ("choice:{data}/missing", [], "missing: no such file or directory"),
     ("choice:{data}/choice", ["tasks.0.kk=1"], "unknown key 'tasks.0.kk' (did you mean 'tasks.0.k'?)"),
     ("generation:{data}/gen.jsonl", ["tasks.0.extract=numeric"], "holds no number"),
 ])

@@ -372,7 +372,25 @@ def load_config(cls: type[Section], path: str | Path | None = None, overrides: l
         raw = read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
-    return validate(cls, raw, source=str(path) if path else "command line")
+    return validate(cls, raw, source=str(path) if path else "command line", overrides=overrides)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (safe_load keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first set at line {seen[key]}); keep one of them",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -381,11 +399,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: recipe file not found (give the path of a YAML file, e.g. examples/demo.yaml)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a safe loader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if problem.startswith("duplicate key"):
+            raise ConfigError(f"{where}: {problem}") from None
         raise ConfigError(f"{where}: malformed YAML ({problem}); fix the syntax at that line") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a UTF-8 text file; save the recipe as UTF-8 YAML") from None
@@ -425,13 +445,32 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             node = node[part]
 
 
-def validate(cls: type[Section], raw: dict[str, Any], source: str = "recipe") -> Section:
-    """Validate `raw` as `cls`, turning pydantic's report into one clear line per problem."""
+def validate(cls: type[Section], raw: dict[str, Any], source: str = "recipe", overrides: list[str] = ()) -> Section:
+    """Validate `raw` as `cls`, turning pydantic's report into one clear line per problem.
+
+    A problem at (or under) the key of one of `overrides` is blamed on that override, not on `source`.
+    """
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(cls, err) for err in e.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+        parts: list[tuple[str, str]] = []
+        for err in e.errors():
+            where = _override_at(_loc(err), overrides) or source
+            line = _describe(cls, err)
+            if parts and parts[-1][0] == where:
+                parts[-1] = (where, f"{parts[-1][1]}; {line}")
+            else:
+                parts.append((where, line))
+        raise ConfigError("; ".join(f"{where}: {line}" for where, line in parts)) from None
+
+
+def _override_at(loc: list[str], overrides: list[str]) -> str | None:
+    """The last override (the one that took effect) whose key is `loc` or a section above it, quoted."""
+    for item in reversed(list(overrides)):
+        key = [k.strip() for k in item.partition("=")[0].strip().split(".")]
+        if loc[:len(key)] == key:
+            return f"override '{item}'"
+    return None
 
 
 # Names other toolkits use for our keys, so "did you mean" can point across vocabularies.
@@ -448,9 +487,14 @@ def _closest(key: str, valid: list[str]) -> str | None:
     return SYNONYMS.get(close[0], close[0]) if close else None
 
 
+def _loc(err: dict[str, Any]) -> list[str]:
+    """An error's location as recipe keys (pydantic puts a task's type after its list index: tasks.0.choice.k)."""
+    raw_loc = err["loc"]
+    return [str(x) for i, x in enumerate(raw_loc) if not (i and isinstance(raw_loc[i - 1], int) and x in TASK_TYPES)]
+
+
 def _describe(cls: type[BaseModel], err: dict[str, Any]) -> str:
-    raw_loc = err["loc"]  # pydantic puts a task's type after its list index: tasks.0.choice.k
-    loc = [str(x) for i, x in enumerate(raw_loc) if not (i and isinstance(raw_loc[i - 1], int) and x in TASK_TYPES)]
+    loc = _loc(err)
     key = ".".join(loc) or "(top level)"
     if err["type"] in {"union_tag_invalid", "union_tag_not_found"}:
         ctx = err.get("ctx", {})

@@ -87,7 +87,11 @@ def chat_template_for(tokenizer, path: str | None = None) -> str:
         if not p.is_file():
             raise DataError(f"{path}: chat template file not found; check data.chat_template / --chat-template "
                             f"(a Jinja file such as chat_template.jinja)")
-        return p.read_text(encoding="utf-8")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: chat template file is not UTF-8 text (byte {e.start}); save it as UTF-8 "
+                            f"(data.chat_template / --chat-template)") from None
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # named templates: take the default one
         own = own.get("default")

@@ -170,6 +170,9 @@ def read_choice_dir(path: str | Path, split: str = "test", fewshot_split: str = 
                     subjects: list[str] | None = None, limit: int | None = None) -> list[Subject]:
     """Every subject of a dataset directory (or one file), with its few-shot pool when k > 0."""
     p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory; a choice dataset is a directory with {split}/ and "
+                        f"{fewshot_split}/ folders of one .csv/.jsonl file per subject (the CMMLU layout), or one file")
     if p.is_file():
         if k:
             raise DataError(f"{p}: a single file has no few-shot pool; set k=0 or point path at a directory "
@@ -456,7 +459,8 @@ def _summarise(subjects: list[Subject], items: list[_Item], letter_pred: list, l
     metrics = {k: v for k, v in averages.items() if "bytes" not in k}
     return {"metrics": metrics, "ll_acc_bytes": averages["ll_acc_bytes"],
             "ll_acc_bytes_micro": averages["ll_acc_bytes_micro"], "subjects": per_subject, "questions": total,
-            "k": k, "context": context,
+            "k": max((min(k, len(s.dev)) for s in subjects), default=0), "k_requested": k,  # k: the most used
+            "context": context,
             "truncated": sum(it.shots < min(k, len(subjects[it.subject].dev)) for it in items),
             "cut": sum(it.cut for it in items), "mean_shots": sum(it.shots for it in items) / max(1, len(items)),
             "wall_s": round(wall, 2), "questions_per_s": round(total / wall, 2) if wall else None,

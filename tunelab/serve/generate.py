@@ -18,6 +18,7 @@ from transformers import TextStreamer
 from tunelab.data.chat import chat_template_for, end_of_turn_ids, prompt_for_generation
 from tunelab.errors import ModelError, warn
 from tunelab.methods import is_adapter_dir, load_adapter, read_adapter_config
+from tunelab.methods.base import recorded_base
 from tunelab.models import (
     TRAINED_SEQ_LEN,
     inference_placement,
@@ -32,14 +33,30 @@ def resolve_base(model_ref: str | Path, adapter: str | Path | None) -> tuple[Pat
     """(base dir, adapter dir): `model_ref` may itself be an adapter directory that names its base."""
     require_local_dir(model_ref, "model or adapter")
     if adapter is None and is_adapter_dir(model_ref):
-        adapter = model_ref
-        base = read_adapter_config(adapter).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise ModelError(f"{adapter}/adapter_config.json names base model {base!r}, which is not a local "
-                             f"directory here; pass the base model directory and the adapter separately "
-                             f"(--base <dir>)")
-        return Path(base), Path(adapter)
+        return adapter_base(model_ref), Path(model_ref)
     return Path(model_ref), Path(adapter) if adapter is not None else None
+
+
+def adapter_base(adapter: str | Path) -> Path:
+    """The base model directory of an adapter: `base_model_name_or_path` as PEFT reads it (absolute, or relative
+    to the working directory), else the base's path relative to the adapter recorded when tunelab wrote it, else a
+    relative `base_model_name_or_path` taken from the adapter directory; so a moved project keeps its adapters."""
+    d = Path(adapter)
+    named = read_adapter_config(d).get("base_model_name_or_path")
+    candidates = [Path(named)] if named else []
+    recorded = recorded_base(d)
+    if recorded is not None:
+        candidates.append(recorded)
+    if named and not Path(named).is_absolute():
+        candidates.append(d / named)
+    for c in candidates:
+        if c.is_dir():
+            return c
+    tried = f" (nor {recorded}, where it was relative to the adapter)" if recorded is not None else ""
+    raise ModelError(f"{d}/adapter_config.json names base model {named!r}, which is not a local directory "
+                     f"here{tried}; give the base model directory and the adapter separately (tunelab "
+                     f"generate/chat <base> --adapter {d}; tunelab export {d} --base <base>), or set "
+                     f"base_model_name_or_path in that file")
 
 
 def load_tuned(model_ref: str | Path, adapter: str | Path | None = None, merge: bool = True,
