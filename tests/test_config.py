@@ -84,3 +84,28 @@ def test_shipped_pretraining_recipe_validates():
 
     cfg = load_config(PretrainConfig, Path(__file__).parents[1] / "examples" / "pretrain_text.yaml")
     assert cfg.model.preset == "tiny" and len(cfg.data.sources) == 2
+
+
+def test_duplicate_yaml_keys_are_errors_naming_file_line_and_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {preset: micro, tokenizer: t}\ndata:\n  sources:\n    - path: x.txt\n"
+                      "train:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:8: duplicate key 'lr' \(first set at line 6\)"):
+        load_config(PretrainConfig, recipe)
+    recipe.write_text("model: {preset: micro, preset: tiny, tokenizer: t}\n")  # in a flow mapping, on one line
+    with pytest.raises(ConfigError, match=r"r\.yaml:1: duplicate key 'preset'"):
+        load_config(PretrainConfig, recipe)
+
+
+def test_an_invalid_override_is_blamed_on_the_override_not_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {preset: micro, tokenizer: t}\ndata:\n  sources:\n    - path: x.txt\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, recipe, ["train.lr=abc"])
+    assert str(e.value).startswith("override 'train.lr=abc': train.lr: ") and "r.yaml" not in str(e.value)
+    recipe.write_text("model: {preset: micro, tokenizer: t}\ndata:\n  sources:\n    - path: x.txt\n"
+                      "train: {steps: 0}\n")  # the recipe's own mistake stays the recipe's, next to the override's
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, recipe, ["train.lerning_rate=1"])
+    assert str(e.value).count("r.yaml: train.steps") == 1
+    assert "override 'train.lerning_rate=1': unknown key 'train.lerning_rate'" in str(e.value)
