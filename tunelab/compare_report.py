@@ -20,7 +20,8 @@ from tunelab.io import atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ["label", "method", "status", "error", "reused", "settings", "train_overrides", "lr",
                "trainable_parameters", "trainable_pct", "parameters", "train_loss_first", "final_train_loss",
-               "final_loss_steps", "eval_loss", "eval_loss_before", "accuracy", "tokens_per_s", "tokens_per_s_ratio",
+               "final_loss_steps", "eval_loss", "eval_loss_before", "accuracy", "general_loss",
+               "general_loss_delta", "tokens_per_s", "tokens_per_s_ratio",
                "peak_memory_mb", "peak_memory_ratio", "train_wall_s", "wall_s", "steps", "run_dir"]
 
 
@@ -51,6 +52,7 @@ COLUMNS = [
     ("final_train_loss", "train loss", True, lambda r: f"{r['final_train_loss']:.4f}"),
     ("eval_loss", "eval loss", True, lambda r: f"{r['eval_loss']:.4f}"),
     ("accuracy", "accuracy", False, lambda r: f"{100 * r['accuracy']:.1f}%"),
+    ("general_loss", "general loss", True, lambda r: f"{r['general_loss']:.4f}" + _delta(r.get("general_loss_delta"))),
     ("tokens_per_s", "tokens/s", False, lambda r: f"{r['tokens_per_s']:,.0f}" + _ratio(r.get("tokens_per_s_ratio"))),
     ("peak_memory_mb", "peak MB", True, lambda r: f"{r['peak_memory_mb']:,.0f}" + _ratio(r.get("peak_memory_ratio"))),
     ("train_wall_s", "train s", True, lambda r: f"{r['train_wall_s']:.1f}"),
@@ -66,6 +68,10 @@ background:#f3f8ff;border-left:4px solid #1f77b4}svg{background:#fff;border:1px 
 
 def _pct(v: float) -> str:
     return f"{v:.3g}%" if v < 10 else f"{v:.1f}%"
+
+
+def _delta(v: float | None) -> str:
+    return f" ({v:+.3f})" if v is not None else ""
 
 
 def _ratio(v: float | None) -> str:
@@ -103,8 +109,8 @@ def render_html(results: dict) -> str:
     """The report as one self-contained page: inline CSS and SVG, no scripts, no external assets."""
     rows, b = results["methods"], results["budget"]
     ok = [r for r in rows if r["status"] == "ok"]
-    has_acc = any(r.get("accuracy") is not None for r in ok)
-    columns = [c for c in COLUMNS if c[0] != "accuracy" or has_acc]
+    shown = {k for k in ("accuracy", "general_loss") if any(r.get(k) is not None for r in ok)}
+    columns = [c for c in COLUMNS if c[0] not in ("accuracy", "general_loss") or c[0] in shown]
     best = {}
     for key, _, lower, _ in columns:
         values = [r[key] for r in ok if r.get(key) is not None]
@@ -147,7 +153,14 @@ def render_html(results: dict) -> str:
         e = results["eval"]
         notes.append(f"accuracy: strict ({e['extract']}) accuracy of greedy replies (up to {e['max_new_tokens']} "
                      f"tokens) to the {e['examples']} prompts of {e['path']}, by the saved model loaded back "
-                     f"from disk.")
+                     f"from disk" + (f"; the base model before tuning: {100 * results['accuracy_before']:.1f}%"
+                                      if results.get("accuracy_before") is not None else "") + ".")
+    if results.get("general"):
+        g = results["general"]
+        notes.append("general loss: token loss on the answers of " + ", ".join(g["path"]) + f" ({g['examples']} "
+                     "examples outside the tuned data), with the change from the base model in brackets: a rise is "
+                     "forgetting" + (f"; the base model before tuning: {results['general_loss_before']:.4f}"
+                                     if results.get("general_loss_before") is not None else "") + ".")
     if results["reused"]:
         notes.append("Reused finished runs (same recipe, data and base model): " + ", ".join(results["reused"]) + ".")
     parts = [f"<h1>tunelab compare: {_e(results['name'])}</h1>",

@@ -142,7 +142,7 @@ class SFTData(Section):
     train: list[str] = Field(min_length=1)  # files, directories or globs (.jsonl, .json, .csv, .parquet)
     eval: list[str] = []  # held-out files; when empty, `eval_fraction` of the training examples
     eval_fraction: float = Field(0.05, ge=0, lt=1)
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "seed", "text"] = "auto"
     train_on: Literal["assistant", "last", "all"] = "assistant"  # which tokens carry the loss
     max_len: int = Field(1024, ge=8)  # longer examples are cut at the end (see tunelab/data/chat.py)
     same_role: Literal["merge", "error"] = "merge"  # two consecutive turns of one role
@@ -319,6 +319,16 @@ class ComparePretrain(Section):
     train: TrainSection = TrainSection()
 
 
+class GeneralEval(Section):
+    """General skill outside the tuned domain: token loss on other instruction data (e.g. the Self-Instruct seed
+    tasks), measured on the base model and on every tuned model, so that forgetting shows."""
+
+    path: list[str] = Field(min_length=1)  # files, directories or globs, in any format data.train reads
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "seed", "text"] = "auto"
+    limit: int | None = Field(None, ge=1)  # the first `limit` examples
+    max_len: int | None = Field(None, ge=8)  # default: data.max_len
+
+
 class CompareConfig(Section):
     """`tunelab compare`: fine-tune several methods on the same base, data, budget and seed; one table."""
 
@@ -332,6 +342,7 @@ class CompareConfig(Section):
     methods: list[CompareMethod] = Field(min_length=1)
     baseline: str | None = None  # label the tokens/s and memory ratios are relative to; default: the first
     eval: GenerationTask | None = None  # held-out prompts with answers: strict accuracy of each tuned model
+    general: GeneralEval | None = None  # general skill before and after: loss on other data (forgetting)
     final_loss_steps: int | None = Field(None, ge=1)  # final train loss = mean of the last N steps (default 10%)
     smooth_steps: int | None = Field(None, ge=1)  # moving average of the plotted loss curves (default steps/25)
 

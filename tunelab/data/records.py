@@ -11,6 +11,8 @@ Formats, detected per record by its keys (first match wins) unless `fmt` names o
 - `sharegpt`: `{"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"chatgpt"|"system", "value": str}]}`.
 - `alpaca`: `{"instruction", "input"?, "output"}` → user = instruction + "\\n\\n" + input (when non-empty),
   assistant = output.
+- `seed`: a Self-Instruct / Alpaca seed task, `{"instruction", "instances": [{"input", "output"}, ...]}` → one
+  Alpaca-style example from its first instance.
 - `text`: `{"text": str}`, a plain document trained on every token.
 
 All chat formats take an optional top-level `system` string (a system turn put first). Other keys
@@ -41,7 +43,7 @@ from tunelab.data.text import read_text_file
 from tunelab.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-FORMATS = ("alpaca", "messages", "sharegpt", "text")
+FORMATS = ("alpaca", "messages", "sharegpt", "seed", "text")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}
@@ -85,13 +87,16 @@ def read_examples(path: str | Path, fmt: str = "auto", same_role: str = "merge")
 
 
 def detect_format(record: dict, where: str) -> str:
-    """The format a record's keys say: messages > conversations (ShareGPT) > instruction+output (Alpaca) > text."""
+    """The format a record's keys say: messages > conversations (ShareGPT) > instruction+output (Alpaca) >
+    instruction+instances (a seed task) > text."""
     if "messages" in record:
         return "messages"
     if "conversations" in record:
         return "sharegpt"
     if "instruction" in record and "output" in record:
         return "alpaca"
+    if "instruction" in record and "instances" in record:
+        return "seed"
     if "text" in record:
         return "text"
     raise DataError(f"{where}: cannot tell the record's format from its keys ({_keys(record)}); expected "
@@ -195,6 +200,12 @@ def _to_example(record: dict, fmt: str, where: str, same_role: str) -> Example:
         if not text.strip():
             raise DataError(f"{where}: empty 'text'; remove the record")
         return Example(messages=None, text=text, where=where)
+    if fmt == "seed":
+        instances = record.get("instances")
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            raise DataError(f"{where}: a seed task needs 'instances': a non-empty list of {{\"input\", \"output\"}}")
+        record = {"instruction": record.get("instruction"), **instances[0]}
+        fmt = "alpaca"
     if fmt == "alpaca":
         instruction, output = _require(record, "instruction", fmt, where), _require(record, "output", fmt, where)
         extra = _optional_str(record, "input", where)
