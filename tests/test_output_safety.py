@@ -314,3 +314,13 @@ def test_data_lint_json_never_overwrites_its_data(tmp_path, chat_file, tokenizer
     assert digest(data) == before
     refused(capsys, ["data", "lint", data, "--tokenizer", tokenizer_dir, "--json", tokenizer_dir / "tokenizer.json"],
             "lies inside the tokenizer")
+
+
+def test_data_demo_writes_only_its_own_directory(tmp_path, model, capsys):
+    before = digest(model)
+    refused(capsys, ["data", "demo", "--out", model], "is a tunelab model, not a demo data directory")
+    assert digest(model) == before
+    out = tmp_path / "world"
+    for _ in range(2):  # its own earlier output is replaced
+        assert main(["data", "demo", "--out", str(out)]) == 0
+    assert (out / "instructions" / "train.jsonl").is_file() and read_marker(out)["kind"] == "demo data directory"

@@ -420,6 +420,15 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_demo(args: argparse.Namespace) -> int:
+    from tunelab.data.demo import generate_demo_data
+
+    m = generate_demo_data(args.out, seed=args.seed, scale=args.scale)
+    console.print(f"demo world (seed {m['seed']}: {m['people']} people, {m['towns']} towns) written to {args.out}: "
+                  f"pretrain/world_{{en,zh}}.jsonl, instructions/{{train,test}}.jsonl, choice/", highlight=False)
+    return 0
+
+
 def _cmd_data_lint(args: argparse.Namespace) -> int:
     import json
 
@@ -589,7 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=_cmd_runs)
 
-    data = sub.add_parser("data", help="inspect data").add_subparsers(dest="action", required=True, metavar="action")
+    data = sub.add_parser("data", help="inspect or make data").add_subparsers(dest="action", required=True,
+                                                                           metavar="action")
+    p = data.add_parser("demo", help="write the demo world's data only (corpora, instructions, multiple choice)")
+    p.add_argument("--out", default="runs/demo-data", help="output directory (default runs/demo-data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="size of the world (1.0: 16 people, 8 towns)")
+    p.set_defaults(func=_cmd_data_demo)
     p = data.add_parser("lint", help="check instruction/chat data: lengths, truncation, empty masks, duplicates")
     p.add_argument("files", nargs="+", help="training files (.jsonl, .json, .csv, .parquet), dirs or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")

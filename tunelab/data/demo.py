@@ -496,7 +496,7 @@ def generate_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -
     manifest = _manifest(seed, scale, files)
     files["manifest.json"] = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
     try:
-        with atomic_dir(out, kind="demo data") as tmp:
+        with atomic_dir(out, kind="demo data directory") as tmp:
             for path, text in files.items():
                 (tmp / path).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / path).write_bytes(text.encode("utf-8"))
