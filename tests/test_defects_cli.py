@@ -140,11 +140,18 @@ def test_orphaned_adapter_says_how_to_name_the_base(tmp_path, base_model_dir, ca
     shutil.rmtree(tmp_path / "base")
     assert main(["generate", str(adapter), "colour of", "--max-tokens", "2"]) == 2
     line = one_error(capsys, "is not a local directory here", f"--adapter {adapter}")
-    check_hint_flags(line)
+    check_hint_flags(line, "generate")
+    assert main(["chat", str(adapter)]) == 2
+    check_hint_flags(one_error(capsys, "is not a local directory here"), "chat")
     assert main(["generate", str(base_model_dir), "colour of", "--adapter", str(adapter), "--max-tokens", "2"]) == 0
     capsys.readouterr()
     assert main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "merged")]) == 2
-    check_hint_flags(one_error(capsys, "is not a local directory"))
+    check_hint_flags(one_error(capsys, "is not a local directory"), "export")
+    check_hint_flags("x: names base model 'b', which is not a local directory here; pass the base model directory "
+                     "and the adapter separately (--base <dir>)", "export")  # the old hint was right for export only
+    with pytest.raises(AssertionError, match="`tunelab generate` has no --base"):
+        check_hint_flags("x: names base model 'b', which is not a local directory here; pass the base model "
+                         "directory and the adapter separately (--base <dir>)", "generate")
 
 
 def parser_flags() -> dict[str, set[str]]:
@@ -162,21 +169,27 @@ def parser_flags() -> dict[str, set[str]]:
     return flags
 
 
-EXTERNAL_FLAGS = {"--local-dir"}  # `hf download <id> --local-dir ...`, not a tunelab flag
+EXTERNAL = r"(?:hf download|huggingface-cli|pip install|pip|torchrun|llama\.cpp|ollama)\b[^;`)]*"  # not tunelab's
 
 
-def check_hint_flags(message: str) -> None:
+def check_hint_flags(message: str, command: str | None = None) -> None:
     """Every `--flag` in `message` exists on some tunelab command, and on the one it names (`tunelab generate/chat
-    ... --adapter`), when it names one."""
+    ... --adapter`), when it names one; the flags outside such a command line exist on `command` (the one run)."""
+    flag_re = r"(?<![\w-])--[a-z][a-z-]*"
+    message = re.sub(EXTERNAL, "", message)  # `hf download <id> --local-dir ...`: another tool's flags
     flags = parser_flags()
     every = set().union(*flags.values())
-    for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", message)) - EXTERNAL_FLAGS:
+    for flag in set(re.findall(flag_re, message)):
         assert flag in every, f"{flag} is no tunelab flag: {message}"
-    for names, rest in re.findall(r"tunelab ((?:[a-z]+/)*[a-z]+)([^;`)]*)", message):
-        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest):
+    named = r"tunelab ((?:[a-z]+/)*[a-z]+)([^;`)]*)"
+    for names, rest in re.findall(named, message):
+        for flag in re.findall(flag_re, rest):
             for name in names.split("/"):
                 if name in flags:
                     assert flag in flags[name], f"`tunelab {name}` has no {flag}: {message}"
+    if command is not None:
+        for flag in set(re.findall(flag_re, re.sub(named, "", message))):
+            assert flag in flags[command], f"`tunelab {command}` has no {flag}: {message}"
 
 
 def raised_messages() -> list[tuple[str, str]]:
