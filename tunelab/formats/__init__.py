@@ -1,0 +1,1 @@
+"""File formats other tools read and write: GGUF import and export."""
