@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=1000)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on a CUDA GPU that supports it, fp32 otherwise")
+                   help="auto: what tunelab's `precision: auto` picks (bf16 autocast on a CUDA GPU that supports "
+                        "it or a CPU with AMX, fp32 otherwise)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per contender")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first (>= 1)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
+
+# The suite pins fp32 numbers (PEFT interop, resume, invariants), so `precision: auto` must not depend on the CPU
+# that runs it: auto is fp32 on every CPU here, subprocesses included (tunelab.models.auto_is_bf16 would otherwise
+# pick bf16 on a CPU with AMX). tests/test_loop.py tests that hardware rule itself with the variable removed.
+os.environ["TUNELAB_CPU_BF16"] = "0"
 
 WORDS_EN = "river stone lantern baker harbour meadow copper violet orchard tailor falcon willow".split()
 WORDS_ZH = list("山河湖海城村花草鸟鱼红蓝绿金银铜")

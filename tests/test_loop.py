@@ -88,3 +88,56 @@ def test_warmup_then_cosine_schedule():
     assert lr_at(110, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg) for s in range(10, 110)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def _amx(monkeypatch, present: bool) -> None:
+    """This process's CPU, as `auto` sees it: with or without AMX, and no TUNELAB_CPU_BF16 (conftest sets 0)."""
+    monkeypatch.delenv("TUNELAB_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: present)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_only(monkeypatch, amx):
+    from tunelab.models import inference_placement
+    from tunelab.train.loop import autocast_dtype
+
+    cpu = torch.device("cpu")
+    _amx(monkeypatch, amx)
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
+    assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    if not torch.cuda.is_available():  # inference: the same rule on the CPU
+        assert inference_placement("auto") == (cpu, torch.bfloat16 if amx else torch.float32)
+        assert inference_placement("fp32") == (cpu, torch.float32)
+    monkeypatch.setenv("TUNELAB_CPU_BF16", "0")  # the override, both ways
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setenv("TUNELAB_CPU_BF16", "1")
+    assert autocast_dtype("auto", cpu) == torch.bfloat16 and autocast_dtype("fp32", cpu) is None
+
+
+def test_a_bad_cpu_bf16_override_names_the_variable(monkeypatch):
+    from tunelab.errors import ConfigError
+    from tunelab.train.loop import autocast_dtype
+
+    monkeypatch.setenv("TUNELAB_CPU_BF16", "yes")
+    with pytest.raises(ConfigError, match=r"TUNELAB_CPU_BF16='yes'.*use 0.*1"):
+        autocast_dtype("auto", torch.device("cpu"))
+
+
+def test_auto_on_an_amx_cpu_trains_exactly_as_bf16(tmp_path, tokenizer_dir, monkeypatch):
+    """The loop's `auto` on an AMX CPU is bf16 autocast: the same loss and update as `precision: bf16`, not fp32's."""
+    tok = load_tokenizer(tokenizer_dir)
+    model = create_model("micro", "llama", tok, seed=0)
+    examples = masked_examples(4, len(tok))
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    _amx(monkeypatch, True)
+    runs = {}
+    for precision in ("auto", "bf16", "fp32"):
+        net = copy.deepcopy(model)
+        cfg = TrainSection(steps=2, micro_batch_size=4, lr=1e-3, warmup_steps=0, eval_every=0, log_every=1,
+                           precision=precision)
+        with EventLog(tmp_path / f"events-{precision}.jsonl") as events:
+            result = train(net, list(net.parameters()), lambda step: [batch], cfg, events)
+        runs[precision] = result.losses, torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert runs["auto"][0] == runs["bf16"][0] and torch.equal(runs["auto"][1], runs["bf16"][1])
+    assert runs["auto"][0] != runs["fp32"][0] and all(math.isfinite(x) for x in runs["auto"][0])
+    assert abs(runs["auto"][0][0] - runs["fp32"][0][0]) < 0.05  # the same loss, to bf16 precision

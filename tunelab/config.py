@@ -288,7 +288,7 @@ class EvalConfig(Section):
     seed: int = Field(0, ge=0)
     out_dir: str = "runs"  # writes <out_dir>/<name>/results.json, report.html, events.jsonl
     models: list[str] = []  # "dir" or "label=dir"; a dir may be an adapter; --models overrides
-    precision: Precision = "auto"  # auto: bf16 on a GPU that supports it, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 on a GPU that supports it or a CPU with AMX, else fp32
     tasks: list[EvalTask] = Field(min_length=1)
 
 

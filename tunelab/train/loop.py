@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from tunelab.config import TrainSection
 from tunelab.errors import TunelabError, warn
+from tunelab.models import auto_is_bf16
 from tunelab.train.checkpoint import Resume, set_rng_state
 from tunelab.train.distributed import (
     Dist,
@@ -59,10 +60,9 @@ class LoopResult:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 under `auto` on a GPU that supports it; fp32 (no autocast) on CPU unless asked for."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast if asked for, or under `auto` where the hardware multiplies bf16 fast (a GPU that supports it,
+    a CPU with AMX: `models.auto_is_bf16`); otherwise None (fp32, no autocast)."""
+    if precision == "bf16" or (precision == "auto" and auto_is_bf16(device)):
         return torch.bfloat16
     return None
 
