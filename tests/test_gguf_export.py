@@ -300,19 +300,22 @@ def test_real_smollm2_to_q8_0(tmp_path):
                                                  quantization_config=GgufConfig(dequantize=True))
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     src = save_model(model, tok, tmp_path / "smollm2")
-    r = export_gguf(src, tmp_path / "q8", gguf_type="q8_0")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        reply = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(reply[0, ids.shape[1]:]).startswith("The capital of France is")
+    seen = {}
+
+    def same_greedy_reply(loaded, loaded_tok):  # on the GGUF as transformers loaded it, before it is kept
+        assert loaded_tok(prompt)["input_ids"] == ids[0].tolist()
+        with torch.no_grad():
+            seen["reply"] = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+
+    r = export_gguf(src, tmp_path / "q8", gguf_type="q8_0", extra_check=same_greedy_reply)
+    assert torch.equal(seen["reply"], reply)
     assert r["architecture"] == "llama" and r["chat_format"] == "chatml" and r["top1_agreement"] >= 0.9
     assert r["relative_diff"] <= BOUNDS["q8_0"] and 130e6 < r["bytes"] < 160e6
     text = (tmp_path / "q8" / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
-
-    loaded, loaded_tok = load_gguf(tmp_path / "q8")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tok(prompt)["input_ids"]])
-    assert loaded_tok(prompt)["input_ids"] == ids[0].tolist()
-    with torch.no_grad():
-        a = model.generate(ids, max_new_tokens=8, do_sample=False)
-        b = loaded.generate(ids, max_new_tokens=8, do_sample=False)
-    assert tok.decode(b[0, ids.shape[1]:]).startswith("The capital of France is")
-    assert torch.equal(a, b)

@@ -22,6 +22,7 @@ import io
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -463,9 +464,13 @@ def _logits(model, probes: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def export_gguf(model_ref: str | Path, out_dir: str | Path, adapter: str | Path | None = None,
-                gguf_type: str = DEFAULT_TYPE, tolerance: float | None = None) -> dict[str, Any]:
+                gguf_type: str = DEFAULT_TYPE, tolerance: float | None = None,
+                extra_check: Callable[[Any, Any], None] | None = None) -> dict[str, Any]:
     """Export a model directory, or base + a mergeable adapter (merged in fp32), to `out_dir`/model.gguf with a
-    Modelfile and a report; verified through transformers' GGUF loader against the source model."""
+    Modelfile and a report; verified through transformers' GGUF loader against the source model.
+
+    `extra_check(model, tokenizer)`, if given, is called with the GGUF as transformers loaded it, after the built-in
+    checks (e.g. to compare greedy generations); an exception it raises leaves nothing behind, as theirs do."""
     from tunelab.export import probe_inputs
     from tunelab.io import atomic_dir, atomic_write_json
     from tunelab.methods import load_adapter
@@ -520,6 +525,8 @@ def export_gguf(model_ref: str | Path, out_dir: str | Path, adapter: str | Path 
         if bad:
             raise GGUFExportError(f"{out_dir}: the GGUF's tokenizer (as transformers loads it) encodes "
                                   f"{bad[0]!r} differently from the source tokenizer; nothing was written")
+        if extra_check is not None:
+            extra_check(loaded, loaded_tok)
         text, chat_format = modelfile(tokenizer)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
         report = {"model": str(base), "adapter": str(adapter_dir) if adapter_dir else None, "out_dir": str(out_dir),
