@@ -170,7 +170,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if not args.tolerance >= 0:
         raise ConfigError(f"--tolerance must be >= 0 (got {args.tolerance:g})")
     r = import_gguf(args.file, args.out, tolerance=args.tolerance, licenses=args.license,
-                    log=lambda m: console.print(m, highlight=False))
+                    log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     show_import_record(r)
     return 0
 
@@ -180,18 +180,19 @@ def show_import_record(r: dict) -> None:
     console.print(f"imported {r['source']} ({r['architecture']}, {r['parameters'] / 1e6:,.0f}M parameters, "
                   f"{q['file_type']}) -> {r['out_dir']} in {r['import_s']:.0f}s; check against transformers' GGUF "
                   f"load: max |logit difference| {r['max_abs_logit_diff']:.2e} over {r['probes']} probe inputs "
-                  f"(tolerance {r['tolerance']:g}): passed", highlight=False)
+                  f"(tolerance {r['tolerance']:g}): passed", highlight=False, markup=False, soft_wrap=True)
     for change in r["config_fixes"]:
-        console.print(f"  config: {change}", highlight=False)
+        console.print(f"  config: {change}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _cmd_models_get(args: argparse.Namespace) -> int:
     from tunelab.formats.registry import get
 
-    r = get(args.name, args.out, force=args.force, log=lambda m: console.print(m, highlight=False))
-    if r["skipped"]:
-        console.print(f"{args.name}: already imported at {r['out_dir']}", highlight=False)
-    else:
+    def say(m: str) -> None:
+        console.print(m, highlight=False, markup=False, soft_wrap=True)
+
+    r = get(args.name, args.out, force=args.force, log=say)
+    if not r["skipped"]:
         show_import_record(r)
     return 0
 
@@ -204,8 +205,10 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         table.add_column(col, no_wrap=col in ("name", "licence"))
     for r in listing(args.models_dir):
         table.add_row(r["name"], r["parameters"], f"{r['gguf_mb']} MB", r["licence"],
-                      "yes" if r["installed"] else "no", r["imported"] or "no")
+                      "yes" if r["installed"] else "no", "yes" if r["imported"] else "no")
     console.print(table)
+    console.print(f"imported models are HF model directories in {args.models_dir}/<name>", highlight=False,
+                  markup=False, soft_wrap=True)
     return 0
 
 
