@@ -133,7 +133,7 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
                   f"Modelfile; check by transformers' GGUF loader: max |logit difference| "
                   f"{r['max_abs_logit_diff']:.2e} = {r['relative_diff']:.2e} of the logits' scale (bound "
                   f"{r['bound']:g}), top-1 agreement {r['top1_agreement']:.1%}, tokenizer ids equal: passed",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     return 0
 
 
