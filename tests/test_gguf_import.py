@@ -53,13 +53,13 @@ def llama3_factors(p: dict, head_dim: int) -> np.ndarray:
 
 def sentencepiece_vocab() -> tuple[list[str], list[int]]:
     """A small Gemma-style SentencePiece vocabulary (tokens and GGUF token types)."""
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
     pieces = ["\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("ABCDEFGHIJKLMNOPRSTUVW0123456789.,!?")
     words = "the river stone lantern baker harbour meadow copper violet orchard tailor falcon willow is of to".split()
     pieces += ["\u2581" + w[:k] for w in words for k in range(1, len(w) + 1)] + ["\u2581\u2581"]
     pieces = list(dict.fromkeys(pieces))
     tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
-    types = [3, 3, 3, 2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    types = [3, 3, 3, 2, 3, 3, 3] + [6] * 256 + [1] * len(pieces)
     return tokens, types
 
 
@@ -239,7 +239,7 @@ def test_import_tiny_gemma3_restores_what_transformers_drops(tmp_path):
     with torch.no_grad():
         assert (loaded(ids).logits - model(ids).logits).abs().max() < 1e-4
     assert record["max_abs_logit_diff_vs_uncorrected_config"] > 1e-2  # transformers alone gets these wrong
-    assert len(record["config_fixes"]) >= 4 and record["eos_token_ids"] == [1, 5]  # <eos>, <end_of_turn>
+    assert len(record["config_fixes"]) >= 4 and record["eos_token_ids"] == [1, 6]  # <eos>, <end_of_turn>
     tok = AutoTokenizer.from_pretrained(tmp_path / "imported")
     assert tok.convert_ids_to_tokens(tok("the river")["input_ids"]) == ["<bos>", "t", "h", "e", "\u2581river"]
 

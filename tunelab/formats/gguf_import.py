@@ -369,7 +369,9 @@ def import_gguf(src: str | Path, out_dir: str | Path, tolerance: float = 1e-4,
     load_s = time.perf_counter() - t0
     say(f"loaded in {load_s:.0f}s; hashing the file")
     digest = sha256_file(src)
-    probes = probe_inputs(tokenizer)
+    vocab = model.config.vocab_size
+    extra_tokens = [t for t, i in tokenizer.get_vocab().items() if i >= vocab]  # e.g. a <mask> the class adds
+    probes = [torch.remainder(p, vocab) for p in probe_inputs(tokenizer)]
     texts = _tokenizer_texts(tokenizer)
     with atomic_dir(out_dir, kind=KIND, inputs={"gguf file": src}) as tmp:
         say(f"writing {out_dir}")
@@ -400,7 +402,8 @@ def import_gguf(src: str | Path, out_dir: str | Path, tolerance: float = 1e-4,
             "max_abs_logit_diff": diff, "tolerance": tolerance, "probes": len(probes),
             "max_abs_logit_diff_vs_uncorrected_config": fix_diff,
             "tokenizer_texts_checked": len(texts), "chat_template": bool(tokenizer.chat_template),
-            "eos_token_ids": eos, "import_s": round(time.perf_counter() - t0, 1),
+            "eos_token_ids": eos, "tokens_beyond_model_vocab": extra_tokens,
+            "import_s": round(time.perf_counter() - t0, 1),
             "out_dir": str(out_dir), "tunelab": tunelab.__version__,
             "transformers": __import__("transformers").__version__, "gguf": _gguf_version(),
         }
