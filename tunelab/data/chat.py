@@ -147,10 +147,6 @@ def encode_example(ex: Example, tokenizer, template: str, max_len: int, train_on
                    n_trainable=sum(label != IGNORE for label in labels), n_tokens_before_truncation=n)
 
 
-def end_of_turn_ids(tokenizer, template: str) -> list[int]:
-    """Stop ids: the special token the mask trains after an assistant's content (its end of turn), and EOS."""
-    full = render(_PROBE, tokenizer, template)
-    ids, offsets = _tokenize_with_offsets(tokenizer, full)
 def template_special_ids(tokenizer, template: str) -> list[int]:
     """The special (added) tokens a conversation rendered with `template` holds, e.g. <|im_start|> and <|im_end|>."""
     ids, _ = _tokenize_with_offsets(tokenizer, render(_PROBE, tokenizer, template))
@@ -158,6 +154,10 @@ def template_special_ids(tokenizer, template: str) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i in special))
 
 
+def end_of_turn_ids(tokenizer, template: str) -> list[int]:
+    """Stop ids: the special token the mask trains after an assistant's content (its end of turn), and EOS."""
+    full = render(_PROBE, tokenizer, template)
+    ids, offsets = _tokenize_with_offsets(tokenizer, full)
     spans = _assistant_spans(_PROBE, tokenizer, template, full, "end_of_turn_ids")
     labels = _labels(ids, offsets, spans)
     # special tokens only: a plain-text separator such as "\n\n" would cut answers short
@@ -249,6 +249,16 @@ def _inconsistent(tokenizer, template: str, where: str, turn: int, why: str) -> 
     return DataError(f"{where}: {_template_name(tokenizer, template)} does not render prefixes consistently at "
                      f"assistant turn {turn}: {why}; loss masks need a template whose rendering of the first turns "
                      f"is a prefix of the whole conversation (give one with data.chat_template)")
+
+
+def template_description(tokenizer, template: str, given: str | None) -> str:
+    """Which template `chat_template_for(tokenizer, given)` chose, for people: "plain (given)", "ChatML (...)"."""
+    if given:
+        return f"{given} (given)"
+    if template == getattr(tokenizer, "chat_template", None):
+        return "the tokenizer's own" + (" (ChatML)" if template == DEFAULT_TEMPLATE else "")
+    return ("ChatML (the tokenizer has no template but <|im_start|>/<|im_end|>)" if template == DEFAULT_TEMPLATE
+            else "plain (the tokenizer has no template and no ChatML tokens)")
 
 
 def _template_name(tokenizer, template: str) -> str:
