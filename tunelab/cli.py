@@ -87,7 +87,8 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     tok = train_tokenizer_files(args.files, args.out, vocab_size=args.vocab_size,
                                 min_frequency=args.min_frequency, text_key=args.text_key,
                                 extra_special_tokens=args.special_tokens, split_cjk=args.split_cjk,
-                                log=lambda line: console.print(line, highlight=False, markup=False))
+                                log=lambda line: console.print(line, highlight=False, markup=False,
+                                                               soft_wrap=True))
     console.print(f"tokenizer with {len(tok)} tokens written to {args.out} "
                   f"(load it with transformers.AutoTokenizer.from_pretrained)")
     return 0
@@ -457,10 +458,11 @@ def _cmd_data_lint(args: argparse.Namespace) -> int:
     assumed = {"max_len": args.max_len, "chat_template": template_description(tokenizer, template, args.chat_template),
                "train_on": args.train_on, "format": args.format, "same_role": args.same_role}
     report["assumed"] = assumed
-    console.print("assumed (finetune's data.* keys): " + ", ".join(f"{k} {v}" for k, v in assumed.items())
-                  + (" (finetune's default too)" if args.max_len == 1024 else ""), highlight=False, markup=False)
+    shown = {**assumed, "max_len": f"{args.max_len}" + (" (finetune's default)" if args.max_len == 1024 else "")}
+    console.print("assumed (finetune's data.* keys): " + ", ".join(f"{k} {v}" for k, v in shown.items()),
+                  highlight=False, markup=False, soft_wrap=True)
     for line in format_lint(report):
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     empty = report["no_trainable"]
     settings = f"data.max_len={args.max_len}" + (f" data.chat_template={args.chat_template}" if args.chat_template
                                                  else "")
@@ -468,10 +470,10 @@ def _cmd_data_lint(args: argparse.Namespace) -> int:
         console.print(f"prediction: `tunelab finetune` with {settings} stops on these {empty['count']} example(s) "
                       f"with no trainable token ({', '.join(empty['examples'][:3])}"
                       f"{', ...' if empty['count'] > 3 else ''}) unless data.allow_empty=true (then it drops them)",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(f"prediction: `tunelab finetune` with {settings} finds a trainable token in every example",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
     if args.json:
         from tunelab.io import atomic_write_json
         atomic_write_json(args.json, report)

@@ -13,6 +13,17 @@ from typing import Any
 from tunelab.errors import TunelabError
 
 
+def usual_mode(path: str | Path) -> None:
+    """Give a file the permissions `open()` gives new files under the umask (0644 under umask 022).
+
+    safetensors writes its files through a private temporary file, so they come out 0600, unlike every other
+    file of a model or adapter directory.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -75,6 +86,7 @@ def atomic_dir(path: str | Path, kind: str, inputs: Mapping[str, Any] | None = N
         write_marker(tmp, kind)
         for f in tmp.rglob("*"):
             if f.is_file():
+                usual_mode(f)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -9,7 +9,8 @@ no few-shot pool: k must be 0). Files:
 - MMLU CSV: no header; `question, A, B, C, D, answer`.
 - JSONL (or a JSON list): `{"question", "choices": [...] or "A".."D", "answer": letter or 0-based index}`.
 
-Prompt ("ceval"): CMMLU's header `以下是关于{subject}的单项选择题，请直接给出正确答案的选项。`, then the
+Prompt ("ceval"): CMMLU's header `以下是关于{subject}的单项选择题，请直接给出正确答案的选项。` (the subject's Chinese
+name for CMMLU's subjects, as CMMLU's own code writes it; `subject_names` overrides), then the
 first k dev questions as worked examples, then the question; each question is written as
 `{question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：` and an example ends with its letter and a blank line.
 "mmlu": the English header and `Answer:`, with a space before the letter. With `chat_template` the whole
@@ -45,7 +46,7 @@ import torch
 
 from tunelab.data.chat import prompt_for_generation
 from tunelab.errors import DataError, ModelError, warn
-from tunelab.evaluate.common import Progress, context_length, device_of, read_records
+from tunelab.evaluate.common import Progress, context_length, device_of, read_records, wilson
 from tunelab.models import TRAINED_SEQ_LEN, trained_seq_len
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -79,6 +80,34 @@ class Style:
     header: str
     cue: str
     delimiter: str
+
+
+# CMMLU's Chinese subject names (its name_en2zh table), used in the ceval-style header by default
+CMMLU_NAMES = {
+    "agronomy": "农学", "anatomy": "解剖学", "ancient_chinese": "古汉语", "arts": "艺术学", "astronomy": "天文学",
+    "business_ethics": "商业伦理", "chinese_civil_service_exam": "中国公务员考试",
+    "chinese_driving_rule": "中国驾驶规则", "chinese_food_culture": "中国饮食文化",
+    "chinese_foreign_policy": "中国外交政策", "chinese_history": "中国历史", "chinese_literature": "中国文学",
+    "chinese_teacher_qualification": "中国教师资格", "clinical_knowledge": "临床知识",
+    "college_actuarial_science": "大学精算学", "college_education": "大学教育学",
+    "college_engineering_hydrology": "大学工程水文学", "college_law": "大学法律", "college_mathematics": "大学数学",
+    "college_medical_statistics": "大学医学统计", "college_medicine": "大学医学", "computer_science": "计算机科学",
+    "computer_security": "计算机安全", "conceptual_physics": "概念物理学",
+    "construction_project_management": "建设工程管理", "economics": "经济学", "education": "教育学",
+    "electrical_engineering": "电气工程", "elementary_chinese": "小学语文", "elementary_commonsense": "小学常识",
+    "elementary_information_and_technology": "小学信息技术", "elementary_mathematics": "初等数学",
+    "ethnology": "民族学", "food_science": "食品科学", "genetics": "遗传学", "global_facts": "全球事实",
+    "high_school_biology": "高中生物", "high_school_chemistry": "高中化学", "high_school_geography": "高中地理",
+    "high_school_mathematics": "高中数学", "high_school_physics": "高中物理学", "high_school_politics": "高中政治",
+    "human_sexuality": "人类性行为", "international_law": "国际法学", "journalism": "新闻学",
+    "jurisprudence": "法理学", "legal_and_moral_basis": "法律与道德基础", "logical": "逻辑学",
+    "machine_learning": "机器学习", "management": "管理学", "marketing": "市场营销",
+    "marxist_theory": "马克思主义理论", "modern_chinese": "现代汉语", "nutrition": "营养学", "philosophy": "哲学",
+    "professional_accounting": "专业会计", "professional_law": "专业法学", "professional_medicine": "专业医学",
+    "professional_psychology": "专业心理学", "public_relations": "公共关系", "security_study": "安全研究",
+    "sociology": "社会学", "sports_science": "体育学", "traditional_chinese_medicine": "中医中药",
+    "virology": "病毒学", "world_history": "世界历史", "world_religions": "世界宗教",
+}
 
 
 STYLES = {
@@ -384,7 +413,8 @@ def evaluate_choice(model, tokenizer, subjects: list[Subject], k: int = 5, style
                     subject_names: dict[str, str] | None = None, progress: Progress | None = None) -> dict:
     """Per-subject and averaged accuracy in both scoring modes, truncation counts and questions per second."""
     started = time.time()
-    st, names = STYLES[style], subject_names or {}
+    st = STYLES[style]
+    names = {**(CMMLU_NAMES if style == "ceval" else {}), **(subject_names or {})}
     context = context_length(model, max_length)
 
     def wrap(text: str) -> str:
@@ -448,16 +478,20 @@ def _summarise(subjects: list[Subject], items: list[_Item], letter_pred: list, l
                          for i in idx) for key in keys}
         per_subject[s.name] = {"questions": len(idx), "letter_acc": hits["letter"] / len(idx),
                                "ll_acc": hits["acc"] / len(idx), "ll_acc_norm": hits["acc_norm"] / len(idx),
-                               "ll_acc_bytes": hits["acc_bytes"] / len(idx), "_hits": hits}
+                               "ll_acc_bytes": hits["acc_bytes"] / len(idx), "_hits": hits,
+                               "ci95": {name: wilson(hits[key], len(idx)) for key, name in
+                                        zip(keys, ("letter_acc", "ll_acc", "ll_acc_norm"))}}
     total = sum(v["questions"] for v in per_subject.values())
     averages = {}
     for key, name in zip(keys, ("letter_acc", "ll_acc", "ll_acc_norm", "ll_acc_bytes")):
         averages[name] = sum(v[name] for v in per_subject.values()) / len(per_subject)  # macro: mean of subjects
         averages[f"{name}_micro"] = sum(v["_hits"][key] for v in per_subject.values()) / total
+    ci95 = {f"{name}_micro": wilson(sum(v["_hits"][key] for v in per_subject.values()), total)
+            for key, name in zip(keys, ("letter_acc", "ll_acc", "ll_acc_norm"))}
     for v in per_subject.values():
         del v["_hits"]
     metrics = {k: v for k, v in averages.items() if "bytes" not in k}
-    return {"metrics": metrics, "ll_acc_bytes": averages["ll_acc_bytes"],
+    return {"metrics": metrics, "ci95": ci95, "ll_acc_bytes": averages["ll_acc_bytes"],
             "ll_acc_bytes_micro": averages["ll_acc_bytes_micro"], "subjects": per_subject, "questions": total,
             "k": max((min(k, len(s.dev)) for s in subjects), default=0), "k_requested": k,  # k: the most used
             "context": context,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,3 +59,15 @@ def _parse(text: str, where: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float] | None:
+    """Wilson score interval (95% by default) of a binomial proportion hits / n, as [low, high]; None when n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sound for small n and for 0% or 100%."""
+    if n <= 0:
+        return None
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from tunelab.data.chat import chat_template_for
 from tunelab.errors import ConfigError, DataError
-from tunelab.evaluate.common import read_records
+from tunelab.evaluate.common import read_records, wilson
 from tunelab.serve.generate import answer_chats, complete
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
@@ -134,7 +134,10 @@ def evaluate_generation(model, tokenizer, items: list[Item], extract_mode: str =
     per_group = {g: sum(s["correct"] for s in samples if s["group"] == g) / sum(s["group"] == g for s in samples)
                  for g in groups}
     metrics.update({f"accuracy/{g}": v for g, v in per_group.items()})
+    ci95 = {"accuracy": wilson(sum(s["correct"] for s in samples), len(samples))}
+    ci95.update({f"accuracy/{g}": wilson(sum(s["correct"] for s in samples if s["group"] == g),
+                                         sum(s["group"] == g for s in samples)) for g in groups})
     wall = time.time() - started
-    return {"metrics": metrics, "examples": len(samples), "per_group": per_group,
+    return {"metrics": metrics, "ci95": ci95, "examples": len(samples), "per_group": per_group,
             "no_answer": sum(s["extracted"] is None for s in samples), "extract": extract_mode,
             "wall_s": round(wall, 2), "samples": samples}

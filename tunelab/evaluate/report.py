@@ -58,8 +58,10 @@ def comparison(results: dict) -> list[dict]:
             first = values[0]
             deltas = [None if first is None or v is None else v - first for v in values]
             deltas[0] = None
+            ci95 = [m["tasks"].get(name, {}).get("ci95", {}).get(key) for m in results["models"]]
             rows.append({"task": name, "type": task["type"], "metric": key, "values": values, "deltas": deltas,
-                         "lower_is_better": key.split("/")[0] in LOWER_IS_BETTER})
+                         "lower_is_better": key.split("/")[0] in LOWER_IS_BETTER,
+                         **({"ci95": ci95} if any(ci95) else {})})
     return rows
 
 
@@ -119,13 +121,63 @@ def render_html(results: dict) -> str:
     rows = results.get("comparison") or comparison(results)
     head = ["task", "metric"] + [_e(x) + (" (Δ vs " + _e(labels[0]) + ")" if i else "") for i, x in enumerate(labels)]
     parts.append(_table(head, [[_e(r["task"]), _e(r["metric"] + (" ↓" if r["lower_is_better"] else ""))]
-                               + [_e(fmt(r["metric"], v)) + _delta_cell(r, i) for i, v in enumerate(r["values"])]
+                               + [_e(fmt(r["metric"], v)) + _delta_cell(r, i) + _ci(r.get("ci95", {i: None})[i])
+                                  for i, v in enumerate(r["values"])]
                                for r in rows], left=2))
+    parts.append('<p class="muted">[a–b]: 95% confidence interval of an accuracy (Wilson score interval over its '
+                 'questions or prompts), shown where the metric is a plain share of items.</p>')
     for task in results["tasks"]:
         parts.append(f"<h2>{_e(task['name'])} <span class='muted'>({_e(task['type'])})</span></h2>")
         parts.append(_details(task, results["models"]))
+    parts.append(_legend(rows))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>tunelab eval: " + _e(results["name"])
             + f"</title><style>{CSS}</style></head><body>" + "".join(parts) + "</body></html>\n")
+
+
+def _ci(interval: list[float] | None) -> str:
+    """A 95% interval under a value, in percent; nothing when there is none."""
+    if not interval:
+        return ""
+    return f' <span class="muted ci">[{100 * interval[0]:.1f}–{100 * interval[1]:.1f}]</span>'
+
+
+# What each metric name means, for the report's legend (a name's part before "/" is looked up: accuracy/task).
+LEGEND = {
+    "ppl": "perplexity: exp(mean negative log-likelihood per token) of the text; lower is better; depends on the "
+           "tokenizer",
+    "bits_per_byte": "total negative log-likelihood / ln 2 / UTF-8 bytes of the text; lower is better; compares "
+                     "models with different tokenizers",
+    "nll": "mean negative log-likelihood per scored token, in nats; lower is better",
+    "letter_acc": "multiple choice, letter scoring: the option whose letter (A/B/C/D) gets the highest next-token "
+                  "probability after the prompt; averaged over subjects",
+    "ll_acc": "multiple choice, log-likelihood scoring: the option whose text has the highest summed log-probability "
+              "after the prompt; averaged over subjects",
+    "ll_acc_norm": "as ll_acc, with each option's log-probability divided by its length in characters "
+                   "(lm-eval's acc_norm); averaged over subjects",
+    "accuracy": "generation: share of prompts whose extracted answer equals the reference (accuracy/<group>: per "
+                "group, e.g. per task)",
+    "win_rate": "pairwise judge: (wins + ties / 2) / decided pairs against the first model; 50% is a draw",
+    "position_consistency": "pairwise judge: share of parsed pairs whose two verdicts (answers in both orders) agree",
+    "wins": "pairwise judge: pairs won in both orders", "ties": "pairwise judge: pairs tied, or whose two verdicts "
+    "disagree", "losses": "pairwise judge: pairs lost in both orders",
+    "unparseable": "judge outputs with no verdict or rating (counted, never dropped)",
+    "mean_rating": "single-answer judge: mean 1-10 rating of the parsed ratings",
+}
+
+
+def _legend(rows: list[dict]) -> str:
+    """Definitions of the metric names the report shows (`_micro`: averaged over questions, not subjects)."""
+    seen: list[str] = []
+    for r in rows:
+        base = r["metric"].split("/")[0].removesuffix("_micro")
+        if base not in seen:
+            seen.append(base)
+    items = [f"<tr><td class='l'><code>{_e(m)}</code></td><td class='l'>{_e(LEGEND[m])}</td></tr>"
+             for m in seen if m in LEGEND]
+    if any(r["metric"].endswith("_micro") for r in rows):
+        items.append("<tr><td class='l'><code>…_micro</code></td><td class='l'>the same accuracy over all questions "
+                     "together instead of the mean of the subjects' accuracies</td></tr>")
+    return "<h2>Metrics</h2><table>" + "".join(items) + "</table>" if items else ""
 
 
 def _details(task: dict, models: list[dict]) -> str:
@@ -155,7 +207,8 @@ def _choice_details(per_model: list[dict], labels: list[str]) -> str:
         cells = [_e(subject), _e(s["questions"])]
         for r in per_model:
             v = r.get("subjects", {}).get(subject, {})
-            cells += [_e(fmt("acc", v.get(k))) for k in ("letter_acc", "ll_acc", "ll_acc_norm")]
+            cells += [_e(fmt("acc", v.get(k))) + _ci(v.get("ci95", {}).get(k))
+                      for k in ("letter_acc", "ll_acc", "ll_acc_norm")]
         rows.append(cells)
     prompt = first.get("example_prompt")
     example = f"<h3>First prompt ({labels[0]})</h3><pre>{_e(prompt)}</pre>" if prompt else ""

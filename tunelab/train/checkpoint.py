@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab import __version__
 from tunelab.errors import TunelabError
-from tunelab.io import atomic_write_json, atomic_write_text
+from tunelab.io import atomic_write_json, atomic_write_text, usual_mode
 from tunelab.train.distributed import full_optimizer_state, full_state
 
 # Keys that may differ between the run and its resume without changing what is computed (a run directory
@@ -157,6 +157,7 @@ class Checkpointer:
         _barrier(self.world_size)
         if self.rank == 0:
             for f in tmp.iterdir():
+                usual_mode(f)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             if final.exists():

@@ -174,9 +174,10 @@ def run_inputs(cfg: FinetuneConfig, recipe: str | Path | None = None) -> dict[st
 
 
 def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView | None = None,
-                 recipe: str | Path | None = None) -> dict[str, Any]:
+                 recipe: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole fine-tuning job; returns (and writes) its summary. `recipe` is the YAML it came
-    from, if any (an input no output may touch)."""
+    from, if any (an input no output may touch); `command` the command line that started it (recorded in the start
+    event, for the resume command `tunelab runs` prints)."""
     dist = init_distributed()
     fsdp = uses_fsdp(cfg.train.distributed, dist)
     if fsdp:
@@ -231,7 +232,8 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         clear_outputs(run_dir, ["summary.json", "model", "adapter"])
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
-                              parameters=n_total, trainable_parameters=n_train, steps=steps, lint=data.lint)
+                              parameters=n_total, trainable_parameters=n_train, steps=steps, lint=data.lint,
+                              command=command)
         result = train(net, method.trainable_parameters(),
                        step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
                        evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps, position),

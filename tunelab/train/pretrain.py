@@ -150,9 +150,11 @@ def run_inputs(cfg: PretrainConfig, recipe: str | Path | None = None) -> dict[st
             "data": [s.path for s in cfg.data.sources] + list(cfg.data.eval_paths), "recipe": recipe}
 
 
-def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | Path | None = None) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | Path | None = None,
+                 command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole pretraining job; returns (and writes) its summary. `recipe` is the YAML it came
-    from, if any (an input no output may touch)."""
+    from, if any (an input no output may touch); `command` the command line that started it (recorded in the start
+    event, for the resume command `tunelab runs` prints)."""
     dist = init_distributed()
     fsdp = uses_fsdp(cfg.train.distributed, dist)
     if fsdp:
@@ -198,7 +200,7 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | P
         torch.manual_seed(cfg.seed)  # dropout and anything else random in training
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
-                              parameters=n_params, sources=data.report)
+                              parameters=n_params, sources=data.report, command=command)
         result = train(net, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
                        t, events, evaluate if has_eval else None, view,
                        checkpoint_callback(saver, method, t.steps, lambda step: {

@@ -12,14 +12,15 @@ loads with `transformers.AutoTokenizer.from_pretrained(dir)` without tunelab.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tunelab.data.chat import DEFAULT_TEMPLATE as CHAT_TEMPLATE
-from tunelab.data.text import read_documents
+from tunelab.data.text import _read_file as read_file_documents
+from tunelab.data.text import read_documents, resolve_files
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_dir
 from tunelab.outputs import check_outputs, check_replaceable
@@ -59,13 +60,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
 
 def train_tokenizer_files(paths: list[str | Path], out_dir: str | Path, vocab_size: int = 4096,
                           min_frequency: int = 2, text_key: str = "text",
-                          extra_special_tokens: list[str] = (), split_cjk: bool = False) -> PreTrainedTokenizerFast:
-    """Train on the documents of text files (.txt/.jsonl/.json) and save atomically to `out_dir`."""
+                          extra_special_tokens: list[str] = (), split_cjk: bool = False,
+                          log: Callable[[str], None] | None = None) -> PreTrainedTokenizerFast:
+    """Train on the documents of text files (.txt/.jsonl/.json) and save atomically to `out_dir`.
+
+    `log` gets one line per file read (its path and number of documents) and a total."""
     check_outputs([out_dir], {"corpus": paths})
     check_replaceable(out_dir, "tokenizer")
     docs: list[str] = []
     for p in paths:
-        docs.extend(read_documents(p, text_key))
+        before = len(docs)
+        for f in resolve_files(p):  # one file at a time, to say what each gave
+            found = read_file_documents(f, text_key)
+            docs.extend(found)
+            if log:
+                log(f"read {f}: {len(found):,} documents, {sum(map(len, found)):,} characters")
+        if len(docs) == before:
+            read_documents(p, text_key)  # raises its "no documents found" error
+    if log:
+        log(f"training on {len(docs):,} documents in all")
     tok = train_tokenizer(docs, vocab_size, min_frequency, extra_special_tokens, split_cjk)
     save_tokenizer(tok, out_dir, inputs={"corpus": paths})
     return tok
