@@ -263,6 +263,16 @@ def test_bad_inputs(tmp_path, sources, capsys):
     with pytest.raises(GGUFExportError, match="supports Llama, Qwen2 and Gemma3 .* this model is 'mistral'"):
         export_gguf(tmp_path / "mistral", tmp_path / "x")
 
+    # RoPE scaling that transformers' GGUF loader would drop (so the export could not be verified) is refused
+    llama3 = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=448, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16384,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
+    with pytest.raises(GGUFExportError, match="RoPE scaling 'llama3' is not supported yet"):
+        gguf_export.write_gguf(llama3, tok, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
     # a LLaMA-Adapter adapter cannot be merged
     model = load_model(src)
     method = Adapter(prompt_len=2)
