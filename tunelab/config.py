@@ -201,6 +201,21 @@ class DemoConfig(Section):
     answer_tokens: int = Field(12, ge=1)  # tokens generated per held-out instruction
 
 
+class DemoRealConfig(Section):
+    """`tunelab demo-real`: LoRA teaches a real pretrained model (SmolLM2-135M-Instruct) the demo world's facts."""
+
+    name: RunName = "demo-real"
+    seed: int = Field(0, ge=0)
+    out_dir: str = "runs"
+    model: str = "smollm2-135m-instruct"  # a name `tunelab models list` shows, or a local HF model directory
+    questions: int = Field(40, ge=1)  # held-out fact questions answered before and after
+    method: MethodSection = MethodSection(r=16, alpha=32, dropout=0.0)
+    finetune: FinetuneTrain = FinetuneTrain(steps=100, micro_batch_size=8, lr=2e-3, warmup_steps=10, eval_every=0,
+                                            eval_batches=4, log_every=10)
+    max_len: int = Field(96, ge=8)  # the longest fact task with SmolLM2's template is 79 tokens
+    answer_tokens: int = Field(12, ge=1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # `tunelab eval`: a suite of tasks, each a section with a `type` (see tunelab/evaluate/)
 
