@@ -19,6 +19,10 @@ prompt) is an error naming the turn.
 `train_on`: "assistant" (every assistant turn), "last" (the last assistant turn only), "all" (every
 token). Plain-text examples are the text followed by EOS, all trained.
 
+BOS: an example starts with the tokenizer's BOS when its rule adds one (`bos_ids`: Gemma, Llama-3), exactly once:
+a template that renders `{{ bos_token }}` as text (Gemma's, Llama-3's, the plain one) already gives it, and
+nothing is added then; for a template that does not, BOS is prepended (never trained, in the masked modes).
+
 Truncation: the first `max_len` tokens are kept (the end is cut) and `truncated` is set. An example
 whose trainable tokens all lie beyond the cut ends with `n_trainable == 0`; the caller decides (lint
 reports it, training stops unless `allow_empty`). Needs a fast tokenizer (character offsets).
@@ -34,6 +38,7 @@ from jinja2.exceptions import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from tunelab.data.records import Example
+from tunelab.data.text import bos_ids, with_bos
 from tunelab.errors import DataError, ModelError
 
 IGNORE = -100
@@ -131,11 +136,14 @@ def encode_example(ex: Example, tokenizer, template: str, max_len: int, train_on
     if train_on not in TRAIN_ON:
         raise DataError(f"train_on {train_on!r}: unknown; use one of {', '.join(TRAIN_ON)}")
     if ex.text is not None:
-        ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer, ex.where)]
+        ids = with_bos(tokenizer(ex.text, add_special_tokens=False)["input_ids"], bos_ids(tokenizer))
+        ids.append(_eos_id(tokenizer, ex.where))
         labels = list(ids)
     else:
         full = _render_at(ex.messages, tokenizer, template, False, ex.where)
         ids, offsets = _tokenize_with_offsets(tokenizer, full)
+        if (bos := bos_ids(tokenizer)) and ids[:len(bos)] != bos:  # the template wrote no BOS of its own
+            ids, offsets = bos + ids, [(0, 0)] * len(bos) + offsets
         if train_on == "all":
             labels = list(ids)
         else:

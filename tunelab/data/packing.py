@@ -3,7 +3,8 @@
 Concatenate-and-chunk (GPT-3 style): documents are joined with an end-of-sequence token and cut into
 full blocks, so no position is padding; only the tail that does not fill a block is dropped (reported).
 Documents can span two blocks and attention is not masked between documents: the EOS token marks the
-boundary. Labels equal the inputs (the loss shifts by one), the Hugging Face convention.
+boundary. Each document starts with BOS when the tokenizer's rule adds one (Gemma, Llama-3: `bos_ids`), as
+those models' own pretraining does. Labels equal the inputs (the loss shifts by one), the Hugging Face convention.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tunelab.data.text import bos_ids, with_bos
 from tunelab.errors import DataError
 
 
@@ -31,10 +33,11 @@ class Packed:
 
 
 def tokenize_documents(docs: list[str], tokenizer, batch: int = 1000) -> list[list[int]]:
-    """Token ids of each document, without special tokens (EOS is added by the packer)."""
+    """Token ids of each document, after BOS when the tokenizer's rule adds one (EOS is added by the packer)."""
     out: list[list[int]] = []
+    bos = bos_ids(tokenizer)
     for i in range(0, len(docs), batch):
-        out.extend(tokenizer(docs[i:i + batch], add_special_tokens=False)["input_ids"])
+        out.extend(with_bos(ids, bos) for ids in tokenizer(docs[i:i + batch], add_special_tokens=False)["input_ids"])
     return out
 
 

@@ -85,3 +85,19 @@ def read_text_file(f: Path) -> str:
         raise DataError(f"{f}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
     except OSError as e:
         raise DataError(f"{f}: cannot read ({e.strerror or e})") from None
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer's own rule puts before every text: [BOS] when its `add_special_tokens=True` encoding
+    starts with its BOS token (Gemma's `<bos>`, Llama-3's `<|begin_of_text|>`), else [] (GPT-2-style and tunelab's
+    own tokenizers; SmolLM2, whose `bos_token` is `<|im_start|>` but which adds nothing)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def with_bos(ids: list[int], bos: list[int]) -> list[int]:
+    """`ids` started with `bos` (from `bos_ids`), unless they already start with it: a chat template that renders
+    `{{ bos_token }}` as text gives a BOS token of its own, which must not be doubled."""
+    return list(ids) if ids[:len(bos)] == bos else bos + list(ids)

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from tunelab.data.chat import prompt_for_generation
+from tunelab.data.text import bos_ids, with_bos
 from tunelab.errors import DataError, ModelError, warn
 from tunelab.evaluate.common import Progress, context_length, device_of, read_records, wilson
 from tunelab.models import TRAINED_SEQ_LEN, trained_seq_len
@@ -262,11 +263,15 @@ def fit_prompt(tokenizer, subject: str, shots: list[Question], q: Question, styl
                wrap: Callable[[str], str] | None = None, estimate: int | None = None) -> tuple[list[int], int, bool]:
     """(prompt ids, examples kept, cut): drop examples from the front until the prompt fits `budget` tokens.
 
-    `estimate` (examples that probably fit) saves tokenizations; the exact count is always checked.
+    `estimate` (examples that probably fit) saves tokenizations; the exact count is always checked. The prompt
+    starts with the tokenizer's BOS when its rule adds one (once: a chat template may have written it), kept when
+    the prompt is cut.
     """
+    bos = bos_ids(tokenizer)
+
     def ids_for(n: int) -> list[int]:
         text = build_prompt(subject, shots[len(shots) - n:] if n else [], q, style)
-        return tokenizer(wrap(text) if wrap else text, add_special_tokens=False)["input_ids"]
+        return with_bos(tokenizer(wrap(text) if wrap else text, add_special_tokens=False)["input_ids"], bos)
 
     n = len(shots) if estimate is None else min(estimate, len(shots))
     ids = ids_for(n)
@@ -279,7 +284,8 @@ def fit_prompt(tokenizer, subject: str, shots: list[Question], q: Question, styl
             break
         n, ids = n + 1, more
     if len(ids) > budget:
-        return ids[len(ids) - budget:], 0, True
+        head = bos if budget > len(bos) else []
+        return head + ids[len(ids) - budget + len(head):], 0, True
     return ids, n, False
 
 

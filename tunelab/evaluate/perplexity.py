@@ -2,14 +2,17 @@
 
 Each file's documents (read as pretraining reads them: `.txt` paragraphs split at blank lines, `.jsonl`/
 `.json` under a text key) are joined with EOS between them into one token stream, as pretraining packs them
-(a BOS token starts the stream when the tokenizer has one). The stream is scored with windows of
+(each document starts with BOS when the tokenizer's rule adds one: `bos_ids`). The stream is scored with windows of
 `max_length` tokens (default: the sequence length tunelab trained the model on, else its context) that start
 every `stride` tokens; each window scores only the tokens the previous window
 did not (the overlap is context, as labels -100 in HF's recipe), and a window never scores its own first
 token, so with `stride == max_length` (disjoint windows) the first token of each window goes unscored, as in
 HF's loop. (HF's guide multiplies each window's mean loss by one token fewer than it scored when windows
 overlap; here every scored token counts once.) The EOS separators are scored too: the model has to predict
-where a document ends.
+where a document ends. BOS (tokenizers whose rule adds one: Gemma, Llama-3) is context, never scored, and every
+window starts with it: a window that begins inside a document gets BOS prepended (so it holds one stream token
+fewer). Those models were trained and are used with BOS at position 0 of every sequence (Gemma without it
+degrades badly), so a window without one would score the model off its training distribution.
 
 Reported per file and in total: the number of scored tokens, mean NLL per token (nats), perplexity
 exp(NLL/tokens), and bits per byte = total NLL / ln 2 / UTF-8 bytes of the documents' text (separators
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.text import read_documents, resolve_files
+from tunelab.data.text import bos_ids, read_documents, resolve_files, with_bos
 from tunelab.errors import ConfigError, DataError, warn
 from tunelab.evaluate.common import Progress, context_length, device_of
 from tunelab.models import TRAINED_SEQ_LEN, trained_seq_len
@@ -50,35 +53,43 @@ def window_spans(n_tokens: int, max_length: int, stride: int) -> list[tuple[int,
 
 
 def token_stream(tokenizer, texts: list[str]) -> list[int]:
-    """Documents joined with EOS into one stream of ids, after a BOS token when the tokenizer has one."""
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """Documents joined with EOS into one stream of ids, each after BOS when the tokenizer's rule adds one."""
+    ids, bos = [], bos_ids(tokenizer)
     for i, text in enumerate(texts):
         if i and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(with_bos(tokenizer(text, add_special_tokens=False)["input_ids"], bos))
     return ids
 
 
 @torch.no_grad()
 def stream_nll(model, ids: list[int], max_length: int, stride: int, batch_size: int = 4, pad_id: int = 0,
-               progress: Progress | None = None) -> tuple[float, int, int]:
+               progress: Progress | None = None, bos: list[int] = ()) -> tuple[float, int, int]:
     """(summed NLL in nats, scored tokens, windows) of one stream; windows are batched, right-padded.
 
     Right padding needs no attention mask: a causal model's logits at a position never see later positions.
+    With `bos` (from `bos_ids`), every window starts with it (prepended where the stream has none there, so
+    windows hold `max_length - len(bos)` stream tokens) and the stream's BOS tokens are not scored.
     """
-    spans = window_spans(len(ids), max_length, stride)
+    room = max_length - len(bos)
+    spans = window_spans(len(ids), room, stride if stride > max_length else min(stride, room))
     device, stream = device_of(model), torch.tensor(ids, dtype=torch.long)
+    targets = stream.masked_fill(stream == bos[0], -100) if bos else stream  # BOS is context, never scored
+    bos = list(bos)
     total, count = 0.0, 0
     for i in range(0, len(spans), batch_size):
         chunk = spans[i:i + batch_size]
-        batch = torch.full((len(chunk), max(e - b for b, e, _ in chunk)), pad_id, dtype=torch.long)
-        for r, (b, e, _) in enumerate(chunk):
-            batch[r, :e - b] = stream[b:e]
+        leads = [bos if ids[b:b + len(bos)] != bos else [] for b, _, _ in chunk]
+        batch = torch.full((len(chunk), max(e - b + len(lead) for (b, e, _), lead in zip(chunk, leads))), pad_id,
+                           dtype=torch.long)
+        for r, ((b, e, _), lead) in enumerate(zip(chunk, leads)):
+            batch[r, :len(lead) + e - b] = torch.cat([torch.tensor(lead, dtype=torch.long), stream[b:e]])
         logits = model(input_ids=batch.to(device)).logits.float()
-        for r, (b, e, first) in enumerate(chunk):
-            lo, hi = first - b, e - b  # score window positions lo..hi-1 from the logits one to the left
-            total += F.cross_entropy(logits[r, lo - 1:hi - 1], batch[r, lo:hi].to(device), reduction="sum").item()
-            count += hi - lo
+        for r, ((b, e, first), lead) in enumerate(zip(chunk, leads)):
+            lo, hi = first - b + len(lead), e - b + len(lead)  # score positions lo..hi-1 from the logits one left
+            scored = targets[first:e].to(device)
+            total += F.cross_entropy(logits[r, lo - 1:hi - 1], scored, reduction="sum").item()
+            count += int((scored != -100).sum())
         if progress:
             progress(min(i + batch_size, len(spans)), len(spans))
     return total, count, len(spans)
@@ -93,7 +104,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     if len(ids) < 2:
         raise DataError("the text is shorter than two tokens: nothing to score")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll, tokens, windows = stream_nll(model, ids, max_length, stride, batch_size, pad, progress)
+    nll, tokens, windows = stream_nll(model, ids, max_length, stride, batch_size, pad, progress, bos_ids(tokenizer))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"documents": len(texts), "tokens": tokens, "bytes": n_bytes, "windows": windows, "nll_sum": nll,
             **_rates(nll, tokens, n_bytes)}

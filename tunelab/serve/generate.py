@@ -16,6 +16,7 @@ import torch
 from transformers import TextStreamer
 
 from tunelab.data.chat import chat_template_for, end_of_turn_ids, prompt_for_generation
+from tunelab.data.text import bos_ids, with_bos
 from tunelab.errors import ModelError, warn
 from tunelab.methods import is_adapter_dir, load_adapter, read_adapter_config
 from tunelab.methods.base import recorded_base
@@ -108,8 +109,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, tem
     lengths: list[int] = []  # prompt + reply tokens of each sequence
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+            enc = encode_prompts(tokenizer, prompts[i:i + batch_size]).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=_stop_ids(tokenizer, stop_ids), **_sampling(temperature, top_p))
             new = out[:, enc["input_ids"].shape[1]:]
@@ -122,6 +122,14 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, tem
         model.train(was_training)
     warn_past_trained(model, lengths)
     return outputs
+
+
+def encode_prompts(tokenizer, prompts: list[str]):
+    """Input ids and attention mask of prompts, padded on the tokenizer's padding side; each starts with the
+    tokenizer's BOS when its rule adds one (`bos_ids`), once, even where a chat template wrote it already."""
+    bos = bos_ids(tokenizer)
+    rows = [with_bos(ids, bos) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return tokenizer.pad({"input_ids": rows}, padding=len(rows) > 1, return_tensors="pt")
 
 
 def warn_past_trained(model, lengths: list[int]) -> None:
@@ -166,7 +174,7 @@ def stream(model, tokenizer, prompt: str, stop_ids: list[int] | None = None, max
            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, out: TextIO = sys.stdout) -> str:
     """Generate one continuation, writing it to `out` as it is produced; returns the text."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    enc = encode_prompts(tokenizer, [prompt]).to(device)
     torch.manual_seed(seed)
     ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=_stop_ids(tokenizer, stop_ids), streamer=_Streamer(tokenizer, out),
