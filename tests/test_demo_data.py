@@ -18,6 +18,7 @@ from tunelab.data.demo import (
     sample_prompts,
 )
 from tunelab.errors import DataError, TunelabError
+from tunelab.outputs import MARKER
 
 SUBJECTS = {"world_people": "zh", "world_towns": "zh", "world_english": "en"}
 SCALE = 0.1
@@ -83,7 +84,7 @@ def test_manifest_counts_match_the_files(demo):
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == manifest
     assert manifest["seed"] == 0 and manifest["scale"] == SCALE
     listed = {f["path"] for f in manifest["files"]}
-    assert listed | {"manifest.json"} == set(_files(out))
+    assert listed | {"manifest.json", MARKER} == set(_files(out))  # and the marker of tunelab's own output
     for entry in manifest["files"]:
         text = (out / entry["path"]).read_text(encoding="utf-8")
         header = 1 if entry["path"].endswith(".csv") else 0

@@ -210,7 +210,7 @@ class DemoRealConfig(Section):
     model: str = "smollm2-135m-instruct"  # a name `tunelab models list` shows, or a local HF model directory
     questions: int = Field(40, ge=1)  # held-out fact questions answered before and after
     method: MethodSection = MethodSection(r=16, alpha=32, dropout=0.0)
-    finetune: FinetuneTrain = FinetuneTrain(steps=100, micro_batch_size=8, lr=2e-3, warmup_steps=10, eval_every=0,
+    finetune: FinetuneTrain = FinetuneTrain(steps=60, micro_batch_size=8, lr=2e-3, warmup_steps=6, eval_every=0,
                                             eval_batches=4, log_every=10)
     max_len: int = Field(96, ge=8)  # the longest fact task with SmolLM2's template is 79 tokens
     answer_tokens: int = Field(12, ge=1)
