@@ -145,14 +145,3 @@ def open_run_dir(run_dir: PathLike, kind: str) -> Path:
         raise OutputError(f"{d}: cannot write to this {kind} directory ({e.strerror or e}); "
                           f"choose a writable location (e.g. out_dir=runs)") from None
     return d
-
-
-def remove_if_unused(run_dir: PathLike) -> None:
-    """After a failed start: remove `run_dir` if it holds nothing but tunelab's marker."""
-    d = Path(run_dir)
-    try:
-        if d.is_dir() and {p.name for p in d.iterdir()} <= {MARKER}:
-            (d / MARKER).unlink(missing_ok=True)
-            d.rmdir()
-    except OSError:
-        pass
