@@ -324,3 +324,25 @@ def test_data_demo_writes_only_its_own_directory(tmp_path, model, capsys):
     for _ in range(2):  # its own earlier output is replaced
         assert main(["data", "demo", "--out", str(out)]) == 0
     assert (out / "instructions" / "train.jsonl").is_file() and read_marker(out)["kind"] == "demo data directory"
+
+
+def test_import_never_writes_around_its_gguf_file(tmp_path, capsys):
+    src = tmp_path / "downloads" / "model.gguf"
+    src.parent.mkdir()
+    src.write_bytes(b"GGUF" + bytes(60))  # checked before the file is even read
+    refused(capsys, ["import", src, "--out", src.parent], "contains the gguf file")
+    refused(capsys, ["import", src, "--out", src], "is the gguf file")
+    assert src.read_bytes() == b"GGUF" + bytes(60)
+
+
+def test_gguf_export_against_its_inputs(tmp_path, model, adapter, capsys):
+    before = digest(model)
+    refused(capsys, ["export", adapter, "--format", "gguf", "--out", model], "is the model")
+    refused(capsys, ["export", adapter, "--format", "gguf", "--out", adapter / "gguf"], "lies inside the adapter")
+    assert digest(model) == before
+
+
+def test_demo_real_never_writes_inside_its_model(tmp_path, model, capsys):
+    before = digest(model)
+    refused(capsys, ["demo-real", f"model={model}", f"out_dir={model}"], "lies inside the model")
+    assert digest(model) == before

@@ -331,6 +331,8 @@ def import_gguf(src: str | Path, out_dir: str | Path, tolerance: float = 1e-4,
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
     src = Path(src)
+    check_outputs([out_dir], {"gguf file": src, "licence file": licenses})  # first: atomic_dir checks again
+    check_replaceable(out_dir, KIND)
     reader = read_gguf(src)
     arch = field(reader, "general.architecture")
     supported = supported_architectures()
@@ -340,8 +342,6 @@ def import_gguf(src: str | Path, out_dir: str | Path, tolerance: float = 1e-4,
     for lic in licenses or []:
         if not Path(lic).is_file():
             raise GGUFImportError(f"licence file {lic} does not exist")
-    check_outputs([out_dir], {"gguf file": src})  # before the long load; atomic_dir checks again
-    check_replaceable(out_dir, KIND)
     say(f"reading {src} ({arch}, {src.stat().st_size / 1e6:,.0f} MB) with transformers' GGUF loader")
     model, tokenizer = _load_from_gguf(src)
     config, changes = fixed_config(reader, model.config)
