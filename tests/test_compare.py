@@ -282,3 +282,26 @@ def test_pretrain_section_makes_the_base_once_from_the_training_part(tmp_path, c
     results = run_compare(cfg, log=lines.append)
     assert lines[0].startswith("[base] reused") and results["reused"] == ["lora"]
     assert (base / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_sigterm_stops_the_running_method_too(tmp_path, base_model_dir, chat_file):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = recipe(tmp_path, base_model_dir, chat_file)
+    cmd = [sys.executable, "-m", "tunelab", "compare", str(path), "--only", "lora-r4", "train.steps=100000",
+           "name=long"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events = tmp_path / "runs" / "long" / "runs" / "lora-r4" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events.is_file() and events.read_text().count('"step"') >= 3):
+        time.sleep(0.5)
+    assert events.is_file(), "the method never started"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(3)  # an orphaned child would still be training and logging steps
+    size = events.stat().st_size
+    time.sleep(4)
+    assert events.stat().st_size == size

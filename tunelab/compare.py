@@ -32,13 +32,16 @@ Called from Python, `run_compare` must run under `if __name__ == "__main__":` in
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -126,7 +129,7 @@ def run_compare(cfg: CompareConfig, only: list[str] | None = None, rerun: bool =
         ctx = ctx or _context()
         return ctx
 
-    with EventLog(out / "events.jsonl") as events:
+    with EventLog(out / "events.jsonl") as events, _terminate_as_interrupt():
         events.write("start", config=dump_config(cfg), only=only, rerun=rerun)
         base, base_record = _base_model(cfg, out, context, log)
         data_fp = fingerprint(cfg.data.train + cfg.data.eval)
@@ -291,6 +294,24 @@ def _read_json(path: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # child processes: each method (and the optional base pretraining) runs in its own process
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a job scheduler) stops the comparison as Ctrl-C does, so the running method's child
+    process is terminated too instead of training on as an orphan."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _context():
