@@ -13,7 +13,7 @@ loss is taken, aligned with the inputs; the loss shifts by one).
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 import resource
 import sys
@@ -123,28 +123,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def train(*args: Any, **kwargs: Any) -> LoopResult:
-    """`run_steps` (below, same arguments), with an `interrupted` (Ctrl-C) or `failed` (an error) event when it stops
-    early, so `tunelab runs` tells an interrupted run from a failed one (a killed process writes nothing)."""
-    bound = inspect.signature(run_steps).bind(*args, **kwargs).arguments
-    events, main = bound["events"], bound.get("dist", SINGLE).is_main
+@contextlib.contextmanager
+def stop_events(events: EventLog, dist: Dist):
+    """An `interrupted` (Ctrl-C) or `failed` (an error) event when the steps stop early, so `tunelab runs` tells an
+    interrupted run from a failed one (a killed process writes nothing)."""
     try:
-        return run_steps(*args, **kwargs)
+        yield
     except KeyboardInterrupt:
-        if main:
+        if dist.is_main:
             events.write("interrupted")
         raise
     except Exception as e:
-        if main:
+        if dist.is_main:
             events.write("failed", error=f"{type(e).__name__}: {e}"[:500])
         raise
 
 
-def run_steps(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches: Callable[[int], list[Batch]],
-              cfg: TrainSection, events: EventLog, evaluate: Callable[[], dict[str, Any]] | None = None,
-              view: LiveView | None = None, checkpoint: Callable[[int, torch.optim.Optimizer, LoopResult], None] |
-              None = None, resume: Resume | None = None, on_step: Callable[[int], None] | None = None,
-              dist: Dist = SINGLE) -> LoopResult:
+def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches: Callable[[int], list[Batch]],
+          cfg: TrainSection, events: EventLog, evaluate: Callable[[], dict[str, Any]] | None = None,
+          view: LiveView | None = None, checkpoint: Callable[[int, torch.optim.Optimizer, LoopResult], None] |
+          None = None, resume: Resume | None = None, on_step: Callable[[int], None] | None = None,
+          dist: Dist = SINGLE) -> LoopResult:
     """Run optimizer steps up to `cfg.steps`; `step_batches(step)` gives that step's (global) micro-batches.
 
     `resume` continues a checkpointed run: its optimizer state, random states, losses, evaluations, peak memory
@@ -173,7 +172,7 @@ def run_steps(model: torch.nn.Module, params: list[torch.nn.Parameter], step_bat
              f"train.warmup_steps")
     view = view or LiveView(cfg.steps, cfg.log_every)
     model.train()
-    with view:
+    with view, stop_events(events, dist):
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
