@@ -25,9 +25,8 @@ from tunelab.formats.gguf_export import (
     GGUFExportError,
     export_gguf,
     load_gguf,
-    modelfile,
-    render_turns,
 )
+from tunelab.formats.modelfile import detect_chat_format, modelfile, render_turns
 from tunelab.methods import LoRA, save_lora_adapter
 from tunelab.methods.adapter import Adapter
 from tunelab.models import load_model, load_tokenizer, save_model
@@ -186,7 +185,7 @@ def test_modelfile_chatml_and_gemma(tmp_path, sources):
     tok = load_tokenizer(sources["llama"])
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again"}]
-    fmt = gguf_export.detect_chat_format(tok)[0]
+    fmt = detect_chat_format(tok)[0]
     assert render_turns(fmt, chat) == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
     gemma = load_tokenizer(sources["gemma3"])
