@@ -346,3 +346,4 @@ def test_demo_real_never_writes_inside_its_model(tmp_path, model, capsys):
     before = digest(model)
     refused(capsys, ["demo-real", f"model={model}", f"out_dir={model}"], "lies inside the model")
     assert digest(model) == before
+
