@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab import __version__
+from tunelab.data.records import FORMATS
 from tunelab.errors import TunelabError
 from tunelab.screens import (
     console,
@@ -509,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="training files (.jsonl, .json, .csv, .parquet), dirs or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
     p.add_argument("--eval", nargs="*", default=[], help="evaluation files, to check train/eval overlap")
-    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "seed", "text"])
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     p.add_argument("--train-on", default="assistant", choices=["assistant", "last", "all"])
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--same-role", default="merge", choices=["merge", "error"])
