@@ -128,3 +128,20 @@ def gemma3_gguf(tmp_path_factory):
 def real_gemma3(tmp_path_factory, gemma3_gguf):
     """Gemma-3-270m (base) imported as an HF model directory with the Gemma terms, once per session."""
     return _real_import("gemma3-270m", tmp_path_factory, gemma3_gguf)
+
+
+def random_lora_adapter(base_dir, out, r: int = 2, seed: int = 0):
+    """A LoRA adapter on q/v of `base_dir` with random B (so base + adapter differs from the base), saved as
+    `tunelab finetune` saves one (absolute base path)."""
+    import torch
+
+    from tunelab.methods import LoRA, save_lora_adapter
+    from tunelab.models import load_model, load_tokenizer
+
+    model, tok = load_model(base_dir), load_tokenizer(base_dir)
+    method = LoRA(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"])
+    method.inject(model)
+    torch.manual_seed(seed)
+    for layer in method.layers.values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    return save_lora_adapter(method, out, str(base_dir.resolve()), tok)

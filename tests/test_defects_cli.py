@@ -11,13 +11,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from conftest import random_lora_adapter
 
 from tunelab.cli import build_parser, main, parse_args
 from tunelab.config import FinetuneConfig, load_config
-from tunelab.methods import LoRA, read_adapter_config, save_lora_adapter
-from tunelab.models import load_model, load_tokenizer
+from tunelab.methods import read_adapter_config
+from tunelab.models import load_model
 from tunelab.serve.generate import resolve_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,17 +47,6 @@ def choice_data(tmp_path_factory):
         rows = "".join(f'{i},"colour of river {i}?",red,blue,green,violet,{"ABCD"[i]}\n' for i in range(n))
         (root / split / "colours.csv").write_text(",Question,A,B,C,D,Answer\n" + rows, encoding="utf-8")
     return root
-
-
-def make_adapter(base_dir: Path, out: Path) -> Path:
-    """A LoRA adapter (random B, so it matters) on `base_dir`, saved as `tunelab finetune` does: absolute base path."""
-    model, tok = load_model(base_dir), load_tokenizer(base_dir)
-    method = LoRA(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
-    method.inject(model)
-    torch.manual_seed(0)
-    for layer in method.layers.values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
-    return save_lora_adapter(method, out, str(base_dir.resolve()), tok)
 
 
 # --- 4. options and key=value overrides in any order ---------------------------------------------------------------
@@ -118,7 +107,7 @@ def test_eval_and_finetune_run_with_overrides_after_options(tmp_path, base_model
 def test_adapter_finds_its_base_after_the_project_moves(tmp_path, base_model_dir, capsys):
     project = tmp_path / "project"
     shutil.copytree(base_model_dir, project / "runs/pt/model")
-    adapter = make_adapter(project / "runs/pt/model", project / "runs/ft/adapter")
+    adapter = random_lora_adapter(project / "runs/pt/model", project / "runs/ft/adapter")
     assert read_adapter_config(adapter)["base_model_name_or_path"] == str((project / "runs/pt/model").resolve())
     moved = tmp_path / "elsewhere/project2"
     shutil.move(project, moved)
@@ -136,7 +125,7 @@ def test_adapter_finds_its_base_after_the_project_moves(tmp_path, base_model_dir
 
 def test_orphaned_adapter_says_how_to_name_the_base(tmp_path, base_model_dir, capsys):
     shutil.copytree(base_model_dir, tmp_path / "base")
-    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter")
+    adapter = random_lora_adapter(tmp_path / "base", tmp_path / "adapter")
     shutil.rmtree(tmp_path / "base")
     assert main(["generate", str(adapter), "colour of", "--max-tokens", "2"]) == 2
     line = one_error(capsys, "is not a local directory here", f"--adapter {adapter}")
@@ -310,7 +299,7 @@ def test_missing_base_is_reported_as_the_model(tmp_path, chat_file, capsys, monk
 
 
 def test_adapter_given_as_base_says_it_is_an_adapter(tmp_path, base_model_dir, chat_file, capsys):
-    adapter = make_adapter(base_model_dir, tmp_path / "adapter")
+    adapter = random_lora_adapter(base_model_dir, tmp_path / "adapter")
     assert main(["finetune", f"model.base={adapter}", f"data.train=[{chat_file}]", f"out_dir={tmp_path}/runs"]) == 2
     one_error(capsys, "this is an adapter directory", f"its base is {base_model_dir.resolve()}",
               absent=("no config.json",))

@@ -5,13 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import random_lora_adapter
 
 from tunelab.cli import main
 from tunelab.config import EvalConfig
 from tunelab.evaluate import load_eval_config
-from tunelab.methods import LoRA, save_lora_adapter
-from tunelab.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,13 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def adapter_dir(base_model_dir, tmp_path_factory):
     """A LoRA adapter on the micro base with random B (so base + adapter differs from the base)."""
-    model, tok = load_model(base_model_dir), load_tokenizer(base_model_dir)
-    method = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    method.inject(model)
-    torch.manual_seed(1)
-    for layer in method.layers.values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
-    return save_lora_adapter(method, tmp_path_factory.mktemp("adapter") / "adapter", str(base_model_dir), tok)
+    return random_lora_adapter(base_model_dir, tmp_path_factory.mktemp("adapter") / "adapter", r=4, seed=1)
 
 
 @pytest.fixture(scope="module")
