@@ -66,6 +66,7 @@ class PretrainData(Section):
     eval_paths: list[str] = []  # held-out files; when empty, `eval_fraction` of each source's documents
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     eval_text_key: str = "text"  # key of the text in .jsonl/.json eval_paths
+    document_mask: bool = False  # attention and positions restart at each document inside a block
 
 
 class TrainSection(Section):
@@ -147,6 +148,7 @@ class SFTData(Section):
     max_len: int = Field(1024, ge=8)  # longer examples are cut at the end (see tunelab/data/chat.py)
     same_role: Literal["merge", "error"] = "merge"  # two consecutive turns of one role
     allow_empty: bool = False  # drop examples with no trainable token instead of stopping
+    packing: bool = False  # examples packed into max_len rows, attention kept inside each (data/packing.py)
     chat_template: str | None = None  # "chatml", "plain" or a .jinja file; default: the tokenizer's own
 
 
