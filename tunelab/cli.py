@@ -25,6 +25,7 @@ from tunelab.screens import (
     show_eval_results,
     show_finetune_summary,
     show_import_record,
+    show_pipeline_report,
     show_pretrain_summary,
 )
 
@@ -232,6 +233,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                           log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     show_compare_results(results)
     return 1 if results["failed"] else 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.pipeline import PipelineConfig, run_pipeline
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    report = run_pipeline(cfg, source=args.config, rerun=args.rerun,
+                          log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    show_pipeline_report(report)
+    return 0
 
 
 def _load_for_generation(args: argparse.Namespace):
@@ -476,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "by pretrain: is still reused; delete <out_dir>/<name>/base to remake it)")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("pipeline", help="stages in order (pretrain, finetune, eval, export, ...), each on the last "
+                                        "one's model; the suite after each; one stage-by-stage report")
+    p.add_argument("config", help="YAML recipe with stages:, e.g. examples/pipeline_domain.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.town.train.steps=20")
+    p.add_argument("--rerun", action="store_true", help="run every stage again, even those a finished run matches")
+    p.set_defaults(func=_cmd_pipeline)
+
     for name, help_text in (("generate", "complete prompts with a model (optionally + adapter)"),
                             ("chat", "talk to a model (optionally + adapter) in the terminal")):
         p = sub.add_parser(name, help=help_text)
@@ -535,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # `train.lr=3e-4`, `tasks.0.k=0`, `name=x`
-NEEDS_RECIPE = ("pretrain", "compare")  # the others also run from overrides alone
+NEEDS_RECIPE = ("pretrain", "compare", "pipeline")  # the others also run from overrides alone
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

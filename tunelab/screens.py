@@ -147,3 +147,35 @@ def show_pretrain_summary(s: dict) -> None:
                                 f"({s['tokens_per_s']:,.0f} tok/s), peak memory {s['peak_memory_mb']:,.0f} MB")
     table.add_row("model", s["model_dir"])
     console.print(table)
+
+
+def show_pipeline_report(r: dict) -> None:
+    """The stages with their status, every metric stage by stage (change from the previous row), where it all is."""
+    from tunelab.evaluate.report import fmt, fmt_delta
+
+    out = console if console.is_terminal else Console(width=160)  # a log file gets the whole table
+    stages = Table(title=f"pipeline: {r['name']}")
+    for col in ("stage", "command", "status", "model from", "s"):
+        stages.add_column(col, justify="right" if col == "s" else "left", overflow="fold")
+    for s in r["stages"]:
+        stages.add_row(s["name"], s["run"], s["status"], s["model_from"] or "",
+                       f"{s['wall_s']:.0f}" if s["wall_s"] is not None else "")
+    out.print(stages)
+    if r["rows"]:
+        table = Table(title="every metric, stage by stage (change from the previous row)")
+        for col in ["task", "metric"] + [row["label"] for row in r["rows"]]:
+            table.add_column(col, justify="left" if col in ("task", "metric") else "right", overflow="fold")
+        for e in r["metrics"]:
+            cells = [fmt(e["metric"], v) + (f" ({fmt_delta(e['metric'], d)})" if d is not None else "")
+                     for v, d in zip(e["values"], e["delta_prev"])]
+            table.add_row(e["task"], e["metric"] + (" ↓" if e["lower_is_better"] else ""), *cells)
+        out.print(table)
+    for c in r["changes"]:
+        gain = ", ".join(f"{x['task']} {x['metric']} {fmt_delta(x['metric'], x['vs_previous'])}" for x in c["gain"]
+                         if x["vs_previous"] is not None)
+        lost = ", ".join(f"{x['task']} {x['metric']} {fmt_delta(x['metric'], x['vs_previous'])}"
+                         for x in c["forgetting"] if x["vs_previous"] is not None)
+        console.print(f"{c['stage']} vs {c['previous']}: gain on its target: {gain or '-'}; on the others: "
+                      f"{lost or '-'}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"report: {r['report_path']}, {r['report_json']} ({r['wall_s']:.0f}s)", highlight=False,
+                  markup=False, soft_wrap=True)
