@@ -323,6 +323,17 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.serve.server import build_state, parse_adapter_args, serve
+
+    state = build_state(args.base, parse_adapter_args(args.adapter), args.adapters_dir, max_loaded=args.max_loaded,
+                        max_batch=args.max_batch, precision=args.precision)
+    serve(state, args.host, args.port, args.api_key, args.allow_runtime_lora,
+          on_ready=lambda url: console.print(f"serving {state.base_name} and its adapters at {url} (Ctrl-C stops)",
+                                             highlight=False))
+    return 0
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
     from tunelab.runs import list_runs
 
@@ -511,6 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=_cmd_generate if name == "generate" else _cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many LoRA adapters batched together")
+    p.add_argument("base", help="base model directory")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the adapter in DIR as model NAME (repeatable)")
+    p.add_argument("--adapters-dir", help="serve <dir>/<name> as model <name>, loaded on first use")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $TUNELAB_API_KEY, else none)")
+    p.add_argument("--max-loaded", type=int, default=8,
+                   help="adapters held in memory at once, least recently used out (default 8)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (any key holder may then "
+                        "load adapters from this machine's disk)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("runs", help="list the pretrain/finetune runs of an output directory: status, last checkpoint, "
                                     "the command that resumes each")
