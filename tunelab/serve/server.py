@@ -8,6 +8,7 @@ engine; `serve` runs the app with uvicorn until Ctrl-C. It writes nothing.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -129,11 +130,12 @@ def build_state(base_dir: str | Path, adapters: dict[str, Path] | None = None, a
 
 def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           allow_runtime_lora: bool = False, on_ready=None) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted; `api_key` None takes $TUNELAB_API_KEY (none when unset or empty)."""
     import uvicorn
 
     from tunelab.serve.api import create_app
 
+    api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None
     app = create_app(state, api_key=api_key, allow_runtime_lora=allow_runtime_lora)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
