@@ -83,3 +83,9 @@ def test_read_documents_formats_and_errors(tmp_path):
         read_documents(tmp_path / "empty.txt")
     with pytest.raises(DataError, match="no such file"):
         read_documents(tmp_path / "missing.txt")
+
+
+def test_packing_records_where_each_document_starts():
+    packed = pack_documents(docs_of([2, 4, 1]), seq_len=3, eos_id=EOS)  # 1 2 0 | 3 4 5 | 6 0 7 | (0 dropped)
+    assert packed.blocks.tolist() == [[1, 2, 0], [3, 4, 5], [6, 0, 7]]
+    assert packed.starts.tolist() == [[True, False, False], [True, False, False], [False, False, True]]

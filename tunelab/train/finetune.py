@@ -8,7 +8,15 @@ event a method's `on_step` returns, e.g. LoRA-Dash's switch, goes to events.json
 epoch from the seed and padded to the longest of each micro-batch; a step's micro-batches are a pure
 function of the step number, so a run resumes from its checkpoints exactly (`checkpoint.py`). Under torchrun it
 runs data-parallel, replicated or sharded by FSDP2 (`train.distributed`, `distributed.py`).
-Not here (yet): packing of short examples.
+
+Packing (`data.packing: true`): the training examples are grouped once into rows of at most `data.max_len` tokens
+by best-fit decreasing (`tunelab/data/packing.py`; no example is split, one longer than `max_len` is cut as
+without packing and fills a row alone), and the rows, not the examples, are shuffled per epoch and batched
+(`train.micro_batch_size` rows a micro-batch). In a row the position ids restart at each example and no attention
+mask is passed, so transformers' mask keeps attention inside each example (checked on the model before training:
+`loss.check_packed_attention`); an example's first label is -100, so no token is predicted from the example before
+it. The loss is summed per trainable token and divided by the step's trainable tokens, so a step on packed rows has
+the loss and gradients of the same examples padded. Evaluation stays per example (the same numbers either way).
 
 Everything lands in `<out_dir>/<name>/`: `config.json`, `events.jsonl`, `lint.json`, `summary.json` and
 `adapter/` (a PEFT LoRA / DoRA adapter directory, or tunelab's LLaMA-Adapter or QTHA one) or `model/` (full: a HF
@@ -29,6 +37,7 @@ import torch
 from tunelab.config import FinetuneConfig, dump_config
 from tunelab.data.chat import Encoded, chat_template_for, encode_example, template_special_ids
 from tunelab.data.lint import format_lint, lint_examples
+from tunelab.data.packing import best_fit_decreasing
 from tunelab.data.records import Example, read_examples
 from tunelab.errors import DataError, warn
 from tunelab.io import atomic_write_json, clear_outputs
@@ -47,6 +56,7 @@ from tunelab.train.distributed import (
 )
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
+from tunelab.train.loss import check_packed_attention
 
 
 @dataclass
@@ -57,6 +67,12 @@ class SFTData:
     eval: list[Encoded]
     template: str
     lint: dict[str, Any]
+    rows: list[list[int]] | None = None  # data.packing: the training examples (indices) of each packed row
+
+    @property
+    def n_units(self) -> int:
+        """What an epoch walks through: packed rows, or examples."""
+        return len(self.rows) if self.rows is not None else len(self.train)
 
 
 def read_all(paths: list[str], fmt: str, same_role: str) -> list[Example]:
@@ -88,13 +104,19 @@ def prepare_sft_data(cfg: FinetuneConfig, tokenizer) -> SFTData:
     empty = [e.where for e in train_enc if e.n_trainable == 0]
     if empty and not d.allow_empty:
         raise DataError(f"{len(empty)} training example(s) have no trainable token (first: {', '.join(empty[:3])}): "
-                        f"no assistant turn, or every assistant token was cut at data.max_len={d.max_len}; "
+                        f"no assistant turn, or every assistant token was cut at data.max_len={d.max_len}"
+                        f"{' (a packed row holds at most data.max_len tokens too)' if d.packing else ''}; "
                         f"raise data.max_len, fix the data, or set data.allow_empty=true to drop them")
     train_enc = [e for e in train_enc if e.n_trainable > 0]
     eval_enc = [e for e in eval_enc if e.n_trainable > 0]
     if not train_enc:
         raise DataError(f"{', '.join(d.train)}: no training example with a trainable token")
-    return SFTData(train_enc, eval_enc, template, report)
+    rows = best_fit_decreasing([len(e.input_ids) for e in train_enc], d.max_len) if d.packing else None
+    if rows is not None:
+        tokens = sum(len(e.input_ids) for e in train_enc)
+        report["packing"] = {"rows": len(rows), "examples": len(train_enc), "tokens": tokens,
+                             "fill": round(tokens / (len(rows) * d.max_len), 4)}
+    return SFTData(train_enc, eval_enc, template, report, rows)
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,21 +133,46 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows, right-padded to the longest: position ids restart at each example (and at the padding, its own
+    segment), the first label of each example is -100, no attention mask (attention follows the position ids)."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[i, at:at + n] = torch.tensor(e.input_ids)
+            labels[i, at + 1:at + n] = torch.tensor(e.labels[1:], dtype=torch.long)
+            positions[i, at:at + n] = torch.arange(n)
+            at += n
+        positions[i, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 def sample_order(n: int, epoch: int, seed: int) -> np.ndarray:
-    """The seeded permutation of the `n` training examples for `epoch` (a pure function: resumable)."""
+    """The seeded permutation of the `n` training examples (or packed rows) for `epoch` (a pure function:
+    resumable)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def step_batches_fn(examples: list[Encoded], micro_batch_size: int, grad_accum: int, seed: int, pad_id: int):
-    """`step -> micro-batches`: sample k of the run is example `sample_order(n, k // n)[k % n]`."""
-    n = len(examples)
+def step_batches_fn(examples: list[Encoded], micro_batch_size: int, grad_accum: int, seed: int, pad_id: int,
+                    rows: list[list[int]] | None = None):
+    """`step -> micro-batches`: sample k of the run is unit `sample_order(n, k // n)[k % n]`, a unit being an
+    example, or with `rows` (data.packing) a packed row of examples."""
+    n = len(rows) if rows is not None else len(examples)
 
     def step_batches(step: int) -> list[dict[str, torch.Tensor]]:
         out = []
         for m in range(grad_accum):
             lo = (step * grad_accum + m) * micro_batch_size
-            picked = [examples[sample_order(n, k // n, seed)[k % n]] for k in range(lo, lo + micro_batch_size)]
-            out.append(collate(picked, pad_id))
+            picked = [sample_order(n, k // n, seed)[k % n] for k in range(lo, lo + micro_batch_size)]
+            if rows is None:
+                out.append(collate([examples[i] for i in picked], pad_id))
+            else:
+                out.append(collate_packed([[examples[j] for j in rows[i]] for i in picked], pad_id))
         return out
     return step_batches
 
@@ -150,7 +197,8 @@ def example_loss(model: torch.nn.Module, examples: list[Encoded], micro_batch_si
 
 
 def resolve_steps(cfg: FinetuneConfig, n_examples: int) -> int:
-    """`train.steps`, or enough steps for `train.epochs` passes over the training examples."""
+    """`train.steps`, or enough steps for `train.epochs` passes over the training examples (packed rows, with
+    data.packing)."""
     t = cfg.train
     if t.epochs is None:
         return t.steps
@@ -186,7 +234,7 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
     model = load_model(cfg.model.base)  # first: a wrong model.base is reported as the model, not its tokenizer
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.base)
     data = prepare_sft_data(cfg, tokenizer)
-    steps = resolve_steps(cfg, len(data.train))
+    steps = resolve_steps(cfg, data.n_units)
     t = cfg.train.model_copy(update={"steps": steps})
     torch.manual_seed(cfg.seed)  # the adapter's initialisation, dropout
     method = build_method(cfg.method)
@@ -195,6 +243,8 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         warn_untrained_template_tokens(model, tokenizer, data.template, cfg)
     if not fsdp:  # FSDP moves each shard to the device as it shards the model
         model.to(device or dist.device)
+    if data.rows is not None:
+        check_packed_attention(model)
     config = dump_config(cfg)
     open_run_dir(run_dir, RUN_KIND)
     resume, saver = prepare_resume(run_dir, t, config, fingerprint(cfg.data.train + cfg.data.eval), method,
@@ -207,8 +257,13 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
               f"{n_train:,} trainable ({n_train / n_total:.3%})")
     for line in format_lint(data.lint):
         view.note(line)
-    view.note(f"{steps} steps x {t.micro_batch_size * t.grad_accum} examples "
-              f"({steps * t.micro_batch_size * t.grad_accum / len(data.train):.2f} epochs of {len(data.train)})"
+    unit = "packed rows" if data.rows is not None else "examples"
+    if data.rows is not None:
+        p = data.lint["packing"]
+        view.note(f"packing: {p['examples']} examples in {p['rows']} rows of data.max_len={cfg.data.max_len} "
+                  f"({p['fill']:.1%} of the row tokens are example tokens)")
+    view.note(f"{steps} steps x {t.micro_batch_size * t.grad_accum} {unit} "
+              f"({steps * t.micro_batch_size * t.grad_accum / data.n_units:.2f} epochs of {data.n_units})"
               + (f" on {dist.world_size} processes" if dist.world_size > 1 else "")
               + (", parameters sharded (FSDP)" if fsdp else ""))
     if resume is not None:
@@ -219,12 +274,13 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         return example_loss(net, data.eval, t.micro_batch_size, t.eval_batches, pad_id, t.precision)
 
     has_eval = bool(data.eval)
-    per_step, n = t.micro_batch_size * t.grad_accum, len(data.train)
+    per_step, n = t.micro_batch_size * t.grad_accum, data.n_units
 
     def position(step: int) -> dict[str, Any]:
         seen = step * per_step
-        return {"examples_seen": seen, "epoch": seen // n, "offset": seen % n,
-                "order": f"numpy default_rng([seed={cfg.seed}, epoch]).permutation({n})"}
+        return {("rows_seen" if data.rows is not None else "examples_seen"): seen, "epoch": seen // n,
+                "offset": seen % n, "order": f"numpy default_rng([seed={cfg.seed}, epoch]).permutation({n})"
+                + (" of the packed rows (best-fit decreasing)" if data.rows is not None else "")}
 
     if dist.is_main:
         atomic_write_json(run_dir / "config.json", config)
@@ -234,10 +290,10 @@ def run_finetune(cfg: FinetuneConfig, device: str | None = None, view: LiveView 
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
                               parameters=n_total, trainable_parameters=n_train, steps=steps, lint=data.lint,
                               command=command)
-        result = train(net, method.trainable_parameters(),
-                       step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id), t, events,
-                       evaluate if has_eval else None, view, checkpoint_callback(saver, method, steps, position),
-                       resume, method_hook(method, events, view, dist), dist)
+        batches = step_batches_fn(data.train, t.micro_batch_size, t.grad_accum, cfg.seed, pad_id, data.rows)
+        result = train(net, method.trainable_parameters(), batches, t, events, evaluate if has_eval else None, view,
+                       checkpoint_callback(saver, method, steps, position), resume,
+                       method_hook(method, events, view, dist), dist)
         after = result.evals[-1] if result.evals else {}
         summary = {
             "run_dir": str(run_dir), "method": cfg.method.name,

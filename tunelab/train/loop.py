@@ -7,8 +7,8 @@ micro-batch 8 x 1 and 1 x 8 give the same update; gradient clipping; bf16 autoca
 supports it; periodic evaluation; an event per step in `events.jsonl`.
 
 It does not know what it trains: it gets the parameters to optimise and a function that returns the
-micro-batches of a step (`{"input_ids", "labels", optional "attention_mask"}`, labels -100 where no
-loss is taken, aligned with the inputs; the loss shifts by one).
+micro-batches of a step (`{"input_ids", "labels", optional "attention_mask" or "position_ids"}` (packed rows),
+labels -100 where no loss is taken, aligned with the inputs; the loss shifts by one).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def full_logits_loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtyp
     """The plain way, kept as the reference the chunked loss is tested against: full logits, then the loss."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       position_ids=batch.get("position_ids"), use_cache=False).logits  # a cache unpacks the mask
     return token_loss_sum(logits, batch["labels"])
 
 

@@ -69,9 +69,9 @@ def chunked_loss_sum(model: nn.Module, batch: Batch, dtype: torch.dtype | None,
     """Summed next-token cross-entropy over positions whose shifted label is not -100, never holding [B, T, V].
 
     Same value (fp32: to rounding) and gradients as `F.cross_entropy` over `model(...).logits`, shifted by one.
-    `batch` holds `input_ids`, `labels` (-100: no loss) and optionally `attention_mask`; `dtype` is the autocast
-    dtype (None: no autocast). `chunk_size`: positions per chunk (None: ~8M logits on CPU, up to 1,024 rows on CUDA;
-    see `_AUTO_CHUNK`).
+    `batch` holds `input_ids`, `labels` (-100: no loss) and optionally `attention_mask` or `position_ids` (packed
+    rows); `dtype` is the autocast dtype (None: no autocast). `chunk_size`: positions per chunk (None: ~8M logits on
+    CPU, up to 1,024 rows on CUDA; see `_AUTO_CHUNK`).
     """
     decoder, head = _body_and_head(model)
     transform = _checked.get(model)
@@ -119,7 +119,10 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def _run_body(decoder: nn.Module, batch: Batch) -> torch.Tensor:
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    # packed rows (data.packing, data.document_mask) carry position ids that restart at each example and no
+    # attention mask: transformers' mask then confines attention to each example (see check_packed_attention)
+    out = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                  position_ids=batch.get("position_ids"), use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden
 
@@ -160,6 +163,35 @@ def _verified_transform(model: nn.Module, decoder: nn.Module, head: nn.Module, b
                          f"({transform}); tunelab's chunked loss does not support this model yet: train with the "
                          f"plain full-logits loss (tunelab.train.loop.token_loss_sum over model(...).logits)")
     return transform
+
+
+@torch.no_grad()
+def check_packed_attention(model: nn.Module, what: str = "data.packing") -> None:
+    """ModelError unless two sequences packed in one row (position ids restarting, no attention mask) give each the
+    hidden states it gets alone: packing relies on transformers building a per-sequence mask from the position ids
+    (`masking_utils.find_packed_sequence_indices`, transformers >= 4.53, sdpa / eager / flex; flash-attention's
+    variable-length path), which an older transformers or a custom attention may not do."""
+    decoder, _ = _body_and_head(model)
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, 7))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no dropout
+    try:
+        alone = torch.cat([_run_body(decoder, {"input_ids": x}).float() for x in (a, b)], dim=1)
+        position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+        packed = _run_body(decoder, {"input_ids": torch.cat([a, b], dim=1), "position_ids": position_ids}).float()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    tol = 1e-4 * (1.0 + alone.abs().max().item()) if next(decoder.parameters()).dtype == torch.float32 else \
+        3e-2 * (1.0 + alone.abs().max().item())
+    if (packed - alone).abs().max().item() > tol:
+        impl = getattr(model.config, "_attn_implementation", "?")
+        raise ModelError(f"{type(model).__name__} (attention {impl!r}): two sequences packed in one row attend to "
+                         f"each other, so {what} would mix examples; this transformers does not build the mask from "
+                         f"position ids (upgrade transformers to >= 4.53), or set {what}=false")
 
 
 # --- head + cross-entropy in chunks ---------------------------------------------------------------------------------

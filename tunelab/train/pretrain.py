@@ -1,7 +1,9 @@
 """`tunelab pretrain`: text sources → packed blocks → weighted mixture → the training loop → an HF model.
 
 Pretrain a size preset from scratch (with a tokenizer directory) or continue pretraining any local
-model. Held-out documents give the eval loss and perplexity before and after. Everything lands in
+model. Held-out documents give the eval loss and perplexity before and after. With `data.document_mask: true`
+positions restart at each document inside a block and attention stays inside each document, in training and in the
+eval loss (`tunelab/data/packing.py`, `document_positions`). Everything lands in
 `<out_dir>/<name>/`: `events.jsonl`, `config.json` (the resolved recipe), `summary.json`, `model/`.
 """
 
@@ -18,7 +20,7 @@ import torch
 
 from tunelab.config import PretrainConfig, dump_config
 from tunelab.data.mixture import Schedule, mixture_schedule
-from tunelab.data.packing import Packed, pack_documents, tokenize_documents
+from tunelab.data.packing import Packed, document_positions, pack_documents, tokenize_documents
 from tunelab.data.text import read_documents
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_json, clear_outputs
@@ -36,6 +38,7 @@ from tunelab.train.checkpoint import begin_events, checkpoint_callback, fingerpr
 from tunelab.train.distributed import check_fsdp, cleanup, full_parameters, init_distributed, shard_model, uses_fsdp
 from tunelab.train.events import EventLog, LiveView
 from tunelab.train.loop import autocast_dtype, count_loss_tokens, forward_loss_sum, train
+from tunelab.train.loss import check_packed_attention
 
 
 @dataclass
@@ -46,6 +49,7 @@ class PretrainData:
     schedule: Schedule
     eval_blocks: np.ndarray
     report: list[dict[str, Any]]
+    eval_starts: np.ndarray | None = None  # where each eval document begins (for data.document_mask)
 
 
 def prepare_data(cfg: PretrainConfig, tokenizer) -> PretrainData:
@@ -70,12 +74,13 @@ def prepare_data(cfg: PretrainConfig, tokenizer) -> PretrainData:
                        "tokens": packed.n_tokens, "blocks": int(packed.blocks.shape[0]),
                        "packing_efficiency": round(packed.efficiency, 5), "samples": c,
                        "share": round(c / n_samples, 4), "effective_epochs": round(e, 3)})
-    eval_blocks = np.empty((0, seq_len), dtype=np.int64)
+    eval_blocks, eval_starts = np.empty((0, seq_len), dtype=np.int64), None
     if eval_docs:
         eval_tokens = tokenize_documents(eval_docs, tokenizer)
         n = sum(len(t) + 1 for t in eval_tokens)
-        eval_blocks = pack_documents(eval_tokens, min(seq_len, n), eos, where="held-out eval text").blocks
-    return PretrainData(train_packed, schedule, eval_blocks, report)
+        packed = pack_documents(eval_tokens, min(seq_len, n), eos, where="held-out eval text")
+        eval_blocks, eval_starts = packed.blocks, packed.starts
+    return PretrainData(train_packed, schedule, eval_blocks, report, eval_starts)
 
 
 def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -87,24 +92,36 @@ def split_documents(docs: list[str], fraction: float, seed: int) -> tuple[list[s
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
-def step_batches_fn(data: PretrainData, micro_batch_size: int, grad_accum: int):
+def block_batch(blocks: np.ndarray, starts: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """A micro-batch of blocks; with the document starts (data.document_mask), its document-masked labels and
+    position ids."""
+    ids = torch.from_numpy(blocks)
+    if starts is None:
+        return {"input_ids": ids, "labels": ids}
+    labels, positions = document_positions(blocks, starts)
+    return {"input_ids": ids, "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(positions)}
+
+
+def step_batches_fn(data: PretrainData, micro_batch_size: int, grad_accum: int, document_mask: bool = False):
     """`step -> micro-batches` over the schedule: sample k of the run is schedule entry k."""
     def step_batches(step: int) -> list[dict[str, torch.Tensor]]:
         out = []
         for m in range(grad_accum):
             lo = (step * grad_accum + m) * micro_batch_size
-            rows = [data.sources[s].blocks[i] for s, i in
-                    zip(data.schedule.source[lo:lo + micro_batch_size], data.schedule.index[lo:lo + micro_batch_size])]
-            ids = torch.from_numpy(np.stack(rows))
-            out.append({"input_ids": ids, "labels": ids})
+            picked = list(zip(data.schedule.source[lo:lo + micro_batch_size],
+                              data.schedule.index[lo:lo + micro_batch_size]))
+            blocks = np.stack([data.sources[s].blocks[i] for s, i in picked])
+            starts = np.stack([data.sources[s].starts[i] for s, i in picked]) if document_mask else None
+            out.append(block_batch(blocks, starts))
         return out
     return step_batches
 
 
 @torch.no_grad()
 def block_loss(model: torch.nn.Module, blocks: np.ndarray, micro_batch_size: int, max_batches: int,
-               precision: str = "auto") -> dict[str, float]:
-    """Token-weighted mean next-token loss and perplexity over (evenly spaced) packed blocks."""
+               precision: str = "auto", starts: np.ndarray | None = None) -> dict[str, float]:
+    """Token-weighted mean next-token loss and perplexity over (evenly spaced) packed blocks; document-masked
+    when given the document `starts`."""
     n = min(len(blocks), micro_batch_size * max_batches)
     if n == 0:
         return {}
@@ -114,8 +131,9 @@ def block_loss(model: torch.nn.Module, blocks: np.ndarray, micro_batch_size: int
     model.eval()
     total, count = 0.0, 0
     for i in range(0, n, micro_batch_size):
-        ids = torch.from_numpy(blocks[pick[i:i + micro_batch_size]]).to(device)
-        batch = {"input_ids": ids, "labels": ids}
+        rows = pick[i:i + micro_batch_size]
+        batch = block_batch(blocks[rows], None if starts is None else starts[rows])
+        batch = {k: v.to(device) for k, v in batch.items()}
         total += forward_loss_sum(model, batch, dtype).item()
         count += count_loss_tokens(batch)
     loss = total / count
@@ -164,6 +182,8 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | P
     data = prepare_data(cfg, tokenizer)
     if not fsdp:  # FSDP moves each shard to the device as it shards the model
         model.to(device or dist.device)
+    if cfg.data.document_mask:
+        check_packed_attention(model, "data.document_mask")
     method = Full()  # every weight trains; the method gives checkpoints their tensors
     method.inject(model)
     config = dump_config(cfg)
@@ -190,7 +210,8 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | P
         view.note(f"resuming from {resume.path} (step {resume.step} of {t.steps})")
 
     def evaluate() -> dict[str, float]:
-        return block_loss(net, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision)
+        return block_loss(net, data.eval_blocks, t.micro_batch_size, t.eval_batches, t.precision,
+                          data.eval_starts if cfg.data.document_mask else None)
 
     has_eval = len(data.eval_blocks) > 0
     if dist.is_main:
@@ -201,8 +222,9 @@ def run_pretrain(cfg: PretrainConfig, device: str | None = None, recipe: str | P
     with EventLog(run_dir / "events.jsonl" if dist.is_main else os.devnull, append=resume is not None) as events:
         before = begin_events(events, resume, evaluate if has_eval else None, dist.world_size, config=config,
                               parameters=n_params, sources=data.report, command=command)
-        result = train(net, method.trainable_parameters(), step_batches_fn(data, t.micro_batch_size, t.grad_accum),
-                       t, events, evaluate if has_eval else None, view,
+        result = train(net, method.trainable_parameters(),
+                       step_batches_fn(data, t.micro_batch_size, t.grad_accum, cfg.data.document_mask), t, events,
+                       evaluate if has_eval else None, view,
                        checkpoint_callback(saver, method, t.steps, lambda step: {
                            "blocks_seen": step * t.micro_batch_size * t.grad_accum,
                            "order": f"mixture schedule of seed {cfg.seed}"}),
