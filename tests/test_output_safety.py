@@ -347,3 +347,48 @@ def test_demo_real_never_writes_inside_its_model(tmp_path, model, capsys):
     refused(capsys, ["demo-real", f"model={model}", f"out_dir={model}"], "lies inside the model")
     assert digest(model) == before
 
+
+def test_pipeline_against_its_inputs(tmp_path, model, chat_file, capsys):
+    stages = {"tune": {"run": "finetune", "data": {"train": [str(chat_file)]}}}
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "p", "out_dir": str(model), "base": str(model), "stages": stages}))
+    before = digest(model)
+    refused(capsys, ["pipeline", recipe], "lies inside the base model")
+    data = tmp_path / "p" / "tune" / "chats.jsonl"  # the data inside a stage's directory
+    data.parent.mkdir(parents=True)
+    shutil.copy(chat_file, data)
+    refused(capsys, ["pipeline", recipe, f"out_dir={tmp_path}", f"stages.tune.data.train=[{data}]"], "contains the data")
+    refused(capsys, ["pipeline", recipe, f"out_dir={model.parent}", f"name={model.name}"],
+            "is a tunelab model, not a pipeline run")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    refused(capsys, ["pipeline", recipe, f"out_dir={tmp_path}", "name=mine"], "was not written by tunelab")
+    assert digest(model) == before and data.is_file() and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+
+@pytest.mark.parametrize("action, kind", [("clean", "cleaned data"), ("dedup", "deduplicated data")])
+def test_data_clean_and_dedup_against_their_inputs(tmp_path, model, action, kind, capsys):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.jsonl").write_text("".join(json.dumps({"text": f"document number {i} of the corpus."}) + "\n"
+                                          for i in range(5)), encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("text_key: text\n", encoding="utf-8")
+    before, before_model = digest(data), digest(model)
+    refused(capsys, ["data", action, data, "--out", data], "is the data")
+    refused(capsys, ["data", action, data, "--out", data / "out"], "lies inside the data")
+    refused(capsys, ["data", action, data / "a.jsonl", "--out", tmp_path], "contains the data")
+    refused(capsys, ["data", action, data, recipe, "--out", recipe], "is the recipe")
+    refused(capsys, ["data", action, data, "--out", model], f"is a tunelab model, not a {kind}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep", encoding="utf-8")
+    refused(capsys, ["data", action, data, "--out", tmp_path / "mine"], "was not written by tunelab")
+    assert digest(data) == before and digest(model) == before_model
+    assert (tmp_path / "mine" / "notes.txt").read_text(encoding="utf-8") == "keep"
+    out = tmp_path / "out"
+    for _ in range(2):  # its own earlier output is reused
+        assert main(["data", action, str(data), "--out", str(out)]) == 0
+    assert read_marker(out)["kind"] == kind
+    other = "dedup" if action == "clean" else "clean"
+    refused(capsys, ["data", other, data, "--out", out], f"is a tunelab {kind}")

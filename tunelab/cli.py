@@ -414,6 +414,21 @@ def _cmd_data_lint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_clean_or_dedup(args: argparse.Namespace) -> int:
+    from tunelab.clean import CleanConfig, DedupConfig, run_clean, run_dedup
+    from tunelab.clean.screen import load_recipe, show_summary, split_positionals, stage_progress
+
+    inputs, recipe, overrides = split_positionals(args.inputs)
+    cls, run = (CleanConfig, run_clean) if args.action == "clean" else (DedupConfig, run_dedup)
+    cfg = load_recipe(cls, recipe, overrides + ([f"text_key={args.text_key}"] if args.text_key else []))
+    with stage_progress(console) as progress:
+        report = run(inputs, args.out, cfg, workers=args.workers, engine=args.engine, address=args.address,
+                     on_error=args.on_error, recipe=recipe, progress=progress,
+                     log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    show_summary(console, f"data {args.action}: {args.out}", report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
@@ -566,6 +581,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_cmd_data_lint)
 
+    for action, help_text in (("clean", "clean text corpora: Unicode, boilerplate lines, Gopher quality, language, PII; "
+                                        "shard by shard, resumable"),
+                              ("dedup", "remove exact and near duplicates (MinHash LSH) across all shards; "
+                                        "a clusters file says which was kept")):
+        p = data.add_parser(action, help=help_text)
+        p.add_argument("inputs", nargs="+", help=".jsonl, .jsonl.gz, .parquet, .txt files, directories or globs; "
+                                                 "optionally a YAML recipe and key=value overrides")
+        p.add_argument("--out", required=True, help="output directory (data/, report.json, report.html)")
+        p.add_argument("--text-key", help="key (column) of the text in the records (default text)")
+        p.add_argument("--workers", type=int, default=1, help="processes (or Ray tasks) at once (default 1)")
+        p.add_argument("--engine", default="local", choices=["local", "ray"],
+                       help="local: a process pool (default); ray: Ray Data tasks (pip install 'tunelab[ray]')")
+        p.add_argument("--address", help="with --engine ray: the cluster to join (e.g. auto); default a local Ray")
+        p.add_argument("--on-error", default="skip", choices=["skip", "stop"],
+                       help="a bad input line: skip it (counted in the report; default) or stop there")
+        p.set_defaults(func=_cmd_data_clean_or_dedup)
+
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="action", required=True,
                                                                               metavar="action")
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer on text files")
@@ -597,6 +629,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "--debug" in extra:  # the top-level flag, given after the sub-command
         args.debug, extra = True, [x for x in extra if x != "--debug"]
     if not hasattr(args, "overrides"):
+        if hasattr(args, "inputs"):  # data clean|dedup: inputs (and a recipe) may also come after the options
+            args.inputs += [x for x in extra if not x.startswith("-")]
+            extra = [x for x in extra if x.startswith("-")]
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args

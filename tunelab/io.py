@@ -45,6 +45,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(p.parent)
 
 
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """An open file (text "w" or binary "wb") that appears under `path` only once closed without error."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(p.parent)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     """Write JSON (UTF-8, indented) atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -12,10 +12,15 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
 def resolve_files(path: str | Path) -> list[Path]:
-    """A file, every .txt/.jsonl/.json file under a directory (sorted), or the files matching a glob."""
+    """A file, every .txt/.jsonl/.json file under a directory (sorted), or the files matching a glob.
+
+    The output directory of `tunelab data clean` / `data dedup` stands for its shards (data/part-*.jsonl), not its
+    reports."""
     p = Path(path)
     if p.is_file():
         return [p]
+    if p.is_dir() and _is_cleaned_output(p):
+        return sorted((p / "data").glob("part-*.jsonl"))
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
@@ -26,6 +31,14 @@ def resolve_files(path: str | Path) -> list[Path]:
         raise DataError(f"{path}: no such file, directory or glob match; check the path "
                         f"(relative paths are relative to {Path.cwd()})")
     return matches
+
+
+def _is_cleaned_output(p: Path) -> bool:
+    """A directory `tunelab data clean` or `data dedup` wrote: its documents are the shards in data/."""
+    from tunelab.outputs import read_marker
+
+    marker = read_marker(p)
+    return marker is not None and marker.get("kind") in ("cleaned data", "deduplicated data")
 
 
 def read_documents(path: str | Path, text_key: str = "text") -> list[str]:
