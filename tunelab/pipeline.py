@@ -524,11 +524,13 @@ def _paths(value: Any) -> list[str]:
     return [str(v) for v in value if v]
 
 
-def _external(plan: Plan, inputs: dict[str, Any]) -> list[str]:
-    """The paths among `inputs` that lie outside the pipeline's directory (stage outputs have fingerprints)."""
-    root = plan.dir.resolve()
+def _external(plan: Plan, inputs: dict[str, Any], s: Stage | None = None) -> list[str]:
+    """The paths among `inputs` that are not outputs of the stages `s` reads (or, for the suite, of any stage):
+    the user's own files, which no output may touch and whose contents are fingerprinted."""
+    upstream = [plan.by_name[r].dir.resolve() for r in ((s.refs + [s.model_stage] if s.model_stage else s.refs)
+                                                         if s is not None else plan.by_name)]
     return sorted({p for v in inputs.values() for p in _paths(v)
-                   if not (Path(p).resolve() == root or root in Path(p).resolve().parents)})
+                   if not any(d == Path(p).resolve() or d in Path(p).resolve().parents for d in upstream)})
 
 
 def _settings_key(s: Stage) -> dict[str, Any]:
@@ -549,7 +551,7 @@ def fingerprint_stages(plan: Plan) -> None:
         model = plan.cfg.stages[s.name].get("model")
         upstream = {r: plan.by_name[r].key for r in sorted(set(s.refs + ([s.model_stage] if s.model_stage else [])))}
         s.key = _digest({"run": s.run, "settings": _settings_key(s), "model": model, "seed": plan.cfg.seed,
-                         "model_path": s.model_path, "files": fingerprint(_external(plan, s.kind.inputs(s))),
+                         "model_path": s.model_path, "files": fingerprint(_external(plan, s.kind.inputs(s), s)),
                          "upstream": upstream})
 
 
@@ -583,7 +585,7 @@ def _check_inputs_exist(plan: Plan) -> None:
 
     for s in plan.stages:
         for kind, value in s.kind.inputs(s).items():
-            for p in _external(plan, {kind: value}):
+            for p in _external(plan, {kind: value}, s):
                 if not (Path(p).exists() or (glob.has_magic(p) and glob.glob(p, recursive=True))):
                     raise DataError(f"{s.where}: the {kind} {p} does not exist; fix the path (relative paths are "
                                     f"relative to {Path.cwd()})")
@@ -604,7 +606,8 @@ def run_pipeline(cfg: PipelineConfig, source: str = "recipe", rerun: bool = Fals
 
     started = time.time()
     plan = plan_pipeline(cfg, source)
-    inputs = {f"input of stage {s.name}": _external(plan, s.kind.inputs(s)) for s in plan.stages}
+    inputs = {f"{kind} of stage {s.name}": _external(plan, {kind: v}, s) for s in plan.stages
+              for kind, v in s.kind.inputs(s).items()}
     inputs["eval data"] = _external(plan, {"d": [getattr(t, "path", None) for t in plan.tasks]})
     inputs["recipe"] = source if Path(source).is_file() else None
     out = check_run_dir(plan.dir, RUN_KIND, [s.name for s in plan.stages] +
