@@ -123,6 +123,19 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vocab_extend(args: argparse.Namespace) -> int:
+    from tunelab.vocab.extend import extend_vocab, summary_lines
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    r = extend_vocab(args.base, args.corpus, args.add, args.out, model=args.model, init=args.init,
+                     held_out=args.held_out, min_frequency=args.min_frequency, text_key=args.text_key, log=say)
+    for line in summary_lines(r):
+        say(line)
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from tunelab.config import FinetuneConfig, load_config
     from tunelab.train.finetune import run_finetune
@@ -610,6 +623,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-cjk", action="store_true",
                    help="at most one Chinese/Japanese/Korean character per token (for small corpora)")
     p.set_defaults(func=_cmd_tokenizer_train)
+
+    vocab = sub.add_parser("vocab", help="extend a tokenizer's vocabulary").add_subparsers(
+        dest="action", required=True, metavar="action")
+    p = vocab.add_parser("extend", help="learn new tokens from a domain corpus and append them to a byte-level BPE "
+                                        "tokenizer (--model: resize the model too)")
+    p.add_argument("base", help="base model or tokenizer directory (tokenizer.json, byte-level BPE)")
+    p.add_argument("corpus", nargs="+", help="corpus files (.txt, .jsonl with text or messages, .json), dirs or globs")
+    p.add_argument("--add", type=int, required=True, help="new tokens to learn, e.g. 8000")
+    p.add_argument("--out", required=True, help="output directory (a tokenizer; with --model a model)")
+    p.add_argument("--model", action="store_true", help="write the base model resized to the new vocabulary")
+    p.add_argument("--init", default="sub-token-mean", choices=["sub-token-mean", "mean", "random"],
+                   help="new embedding rows (--model): the mean of the base tokens that spell each new token "
+                        "(default), the mean of all rows, or random")
+    p.add_argument("--held-out", type=float, default=0.05,
+                   help="share of the corpus's last documents kept out of learning, for the report (default 0.05)")
+    p.add_argument("--min-frequency", type=int, default=2, help="a new token's pair must occur this often")
+    p.add_argument("--text-key", default="text", help="key of the text in .jsonl/.json records")
+    p.set_defaults(func=_cmd_vocab_extend)
     return parser
 
 
