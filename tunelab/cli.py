@@ -347,6 +347,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    from tunelab.train.checkpoint_export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out)
+    console.print(f"{r['stage']} checkpoint {r['checkpoint']} (step {r['step']}, {r['format']}, written by "
+                  f"{r['world_size']} process{'es' if r['world_size'] > 1 else ''}) -> {r['kind']} {r['out_dir']}",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
     from tunelab.runs import list_runs
 
@@ -573,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", nargs="?", default="runs", help="the runs' out_dir (default: runs)")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=_cmd_runs)
+
+    ckpt = sub.add_parser("checkpoint", help="a run's checkpoints").add_subparsers(dest="action", required=True,
+                                                                                   metavar="action")
+    p = ckpt.add_parser("export", help="a checkpoint (full or sharded, of any number of processes) as a plain HF "
+                                       "model or PEFT adapter directory")
+    p.add_argument("checkpoint", help="<run>/checkpoints/step-NNNNNN, or a run directory (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="the model or adapter directory to write")
+    p.set_defaults(func=_cmd_checkpoint_export)
 
     data = sub.add_parser("data", help="inspect or make data").add_subparsers(dest="action", required=True,
                                                                            metavar="action")

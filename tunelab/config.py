@@ -92,6 +92,18 @@ class TrainSection(Section):
     # under torchrun: ddp (every process holds the whole model; gradients summed) or fsdp (FSDP2: parameters,
     # gradients and optimizer state sharded across the processes); one process ignores it
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # full: the first process writes whole tensors; sharded: every process writes its shards
+    # (torch.distributed.checkpoint), and the checkpoint resumes on any number of processes
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    # sync: training waits for the save; async (sharded only): it goes on once the state is copied to memory
+    checkpoint: Literal["sync", "async"] = "sync"
+
+    @model_validator(mode="after")
+    def _async_is_sharded(self) -> TrainSection:
+        if self.checkpoint == "async" and self.checkpoint_format != "sharded":
+            raise ValueError("train.checkpoint=async writes sharded checkpoints only; set "
+                             "train.checkpoint_format=sharded too (or train.checkpoint=sync)")
+        return self
 
 
 class PretrainConfig(Section):

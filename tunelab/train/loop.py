@@ -33,7 +33,6 @@ from tunelab.train.distributed import (
     Dist,
     ShardedLM,
     full_value,
-    shard_optimizer_state,
     shard_rows,
     sum_across,
     sum_gradients,
@@ -160,8 +159,7 @@ def train(model: torch.nn.Module, params: list[torch.nn.Parameter], step_batches
     result = LoopResult()
     start = 0
     if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
-        shard_optimizer_state(optimizer)  # FSDP: a checkpoint holds full tensors; keep this process's shards
+        resume.load_optimizer(optimizer)  # a full or sharded checkpoint's state, cut as the parameters are now
         result = LoopResult(losses=list(resume.losses), evals=list(resume.evals), tokens=resume.tokens,
                             wall_s=resume.wall_s, peak_memory_mb=resume.peak_memory_mb)
         start = resume.step

@@ -1,0 +1,177 @@
+"""Sharded checkpoints with `torch.distributed.checkpoint` (DCP): every process writes its own shards, in the
+foreground (`train.checkpoint: sync`) or in the background after staging its state in CPU memory (`async`).
+
+The DCP part of a checkpoint is `step-NNNNNN/dcp/`: `.metadata` and one `__<rank>_0.distcp` file per process. It
+holds the method's tensors under `trainable.` (as `Method.state_dict()` names them; FSDP's DTensor shards as they
+are) and the optimizer state under `optimizer.` (keyed by parameter name by `get_optimizer_state_dict`, so it loads
+into any sharding). A replicated tensor (every tensor under ddp) is written once, by one of the processes DCP
+chooses so that each writes about the same number of bytes. DCP reshards on load: a checkpoint that N processes
+wrote resumes on M.
+
+Async saves run DCP's writer in a background thread over a process group of their own (gloo), so its collectives
+never interleave with the training loop's; at most one save is in flight, and `checkpoint.py` moves `latest` only
+when the save has completed, which DCP reports on the first process after every process has written its files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from tunelab.errors import TunelabError
+
+DCP_DIR = "dcp"
+# DCP warns on every single-process save and load that it assumes one process; that is what tunelab means
+warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+
+
+class CheckpointError(TunelabError):
+    """A checkpoint that cannot be read, or that does not fit the model being trained."""
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether checkpoint `path` holds DCP shards (else the full-tensor files)."""
+    return (path / DCP_DIR / ".metadata").is_file()
+
+
+def sharded_state(method, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a sharded checkpoint holds: the method's tensors and the optimizer state by parameter name (views of
+    the live tensors, not copies)."""
+    return {"trainable": method.state_dict(), "optimizer": get_optimizer_state_dict(method.model, optimizer)}
+
+
+def _explain(e: BaseException) -> str:
+    """The first process's own error inside DCP's wrapper (CheckpointException is a BaseException)."""
+    if isinstance(e, CheckpointException):
+        for failure in e.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            return f"{type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _load(target: dict[str, Any], path: Path) -> None:
+    """Load `path`'s shards in place into `target` (DCP reshards them to the tensors `target` holds)."""
+    try:
+        dcp.load(target, checkpoint_id=path / DCP_DIR)
+    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot load this sharded checkpoint ({_explain(e)[:300]}); it was written "
+                              f"for another model or recipe, or is damaged") from None
+
+
+def saved_tensors(path: Path, prefix: str) -> dict[str, tuple[int, ...]]:
+    """`{name: shape}` of the tensors a sharded checkpoint holds under `prefix` (from its metadata alone)."""
+    try:
+        meta = FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    except Exception as e:  # a truncated or foreign .metadata file: unpickling can raise anything
+        raise CheckpointError(f"{path}: cannot read {DCP_DIR}/.metadata ({type(e).__name__}: {e}); the checkpoint "
+                              f"is damaged or was not written by tunelab") from None
+    return {k[len(prefix) + 1:]: tuple(m.size) for k, m in meta.items()
+            if k.startswith(prefix + ".") and isinstance(m, TensorStorageMetadata)}
+
+
+def check_fits(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless the checkpoint's trainable tensors are exactly `tensors`' names and shapes."""
+    saved = saved_tensors(path, "trainable")
+    missing = sorted(set(tensors) - set(saved))
+    extra = sorted(set(saved) - set(tensors))
+    wrong = [f"{k} {saved[k]} vs {tuple(tensors[k].shape)}" for k in sorted(set(saved) & set(tensors))
+             if saved[k] != tuple(tensors[k].shape)]
+    if missing or extra or wrong:
+        what = "; ".join(filter(None, [
+            f"{len(missing)} tensor(s) of this method missing (first: {missing[0]})" if missing else "",
+            f"{len(extra)} tensor(s) this method does not have (first: {extra[0]})" if extra else "",
+            f"shapes differ (checkpoint vs this model: {wrong[0]})" if wrong else ""]))
+        raise CheckpointError(f"{path}: the checkpoint does not fit this model and method: {what}; resume it with "
+                              f"the recipe that wrote it, or start a new run")
+
+
+def load_trainable(path: Path, method) -> dict[str, torch.Tensor]:
+    """The method's tensors from a sharded checkpoint, whole (whatever the number of processes that wrote it).
+
+    Called before any FSDP sharding, on every process of the run (each reads all of them)."""
+    live = method.state_dict()
+    check_fits(path, live)
+    target = {"trainable": {k: torch.empty_like(v, device="cpu") for k, v in live.items()}}
+    _load(target, path)
+    return target["trainable"]
+
+
+def load_optimizer(path: Path, method, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state of a sharded checkpoint into `optimizer`, in whatever way its parameters are
+    sharded now (each process reads the parts it holds)."""
+    state = get_optimizer_state_dict(method.model, optimizer)  # allocates the state (a zero-lr step changes nothing)
+    target = {"optimizer": state}
+    _load(target, path)
+    set_optimizer_state_dict(method.model, optimizer, target["optimizer"])
+
+
+class ShardedWriter:
+    """Writes DCP shards, now (`sync`) or in the background (`async`, at most one save in flight).
+
+    `write(state, directory, done)` calls `done()` once every process has written its files: at once when sync;
+    when async, from `poll()` (each step), from the next `write` (which waits for the one in flight first) or from
+    `wait()`. The async writer keeps its staging buffers between saves, so later saves copy into memory that is
+    already there.
+    """
+
+    def __init__(self, mode: str, world_size: int):
+        self.mode = mode
+        self.group = None
+        self.stager = None
+        if mode == "async":
+            if world_size > 1:  # collectives from the writer thread must not share the loop's process group
+                self.group = dist.new_group(backend="gloo")
+            pin = torch.cuda.is_available()
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=pin, use_shared_memory=False,
+                                                       use_async_staging=False, use_non_blocking_copy=False))
+        self.pending: tuple[Future, Callable[[], None], Path] | None = None
+
+    def write(self, state: dict[str, Any], directory: Path, done: Callable[[], None]) -> None:
+        self.wait()
+        try:
+            if self.mode == "async":
+                future = dcp.async_save(state, checkpoint_id=directory, process_group=self.group,
+                                        async_stager=self.stager)
+                self.pending = (future, done, directory)
+                return
+            dcp.save(state, checkpoint_id=directory)
+        except (CheckpointException, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{directory}: writing the checkpoint failed ({_explain(e)[:300]})") from None
+        done()
+
+    def poll(self) -> None:
+        """Finish the save in flight if it has completed (never blocks)."""
+        if self.pending is not None and self.pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) has completed, then finish it."""
+        if self.pending is None:
+            return
+        future, done, directory = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except (CheckpointException, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{directory}: writing the checkpoint in the background failed "
+                                  f"({_explain(e)[:300]})") from None
+        done()
+
+    def close(self) -> None:
+        """Wait for the save in flight and free the staging buffers."""
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
