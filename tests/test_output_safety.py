@@ -411,3 +411,28 @@ def test_data_clean_and_dedup_against_their_inputs(tmp_path, model, action, kind
     assert read_marker(out)["kind"] == kind
     other = "dedup" if action == "clean" else "clean"
     refused(capsys, ["data", other, data, "--out", out], f"is a tunelab {kind}")
+
+
+# -- checkpoint export ----------------------------------------------------------------------------------------
+
+def test_checkpoint_export_against_its_inputs(tmp_path, model, chat_file, capsys):
+    runs = tmp_path / "runs"
+    assert main(ft_args(model, chat_file, runs, "ck", "train.checkpoint_format=sharded")) == 0
+    capsys.readouterr()
+    ckpt = runs / "ck" / "checkpoints" / "step-000002"
+    before = digest(model), digest(ckpt)
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", model], "is the base model")
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", model / "sub"], "lies inside the base model")
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", ckpt], "is the checkpoint")
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", ckpt / "dcp"], "lies inside the checkpoint")
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", runs], "contains the checkpoint")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep", encoding="utf-8")
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", tmp_path / "mine"], "was not written by tunelab")
+    assert (digest(model), digest(ckpt)) == before
+    assert (tmp_path / "mine" / "notes.txt").read_text(encoding="utf-8") == "keep"
+    out = tmp_path / "exported"
+    for _ in range(2):  # its own earlier output is replaced
+        assert main(["checkpoint", "export", str(ckpt), "--out", str(out)]) == 0
+    assert read_marker(out)["kind"] == "adapter"
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", runs / "ck"], "contains the checkpoint")  # its run
