@@ -13,14 +13,15 @@ averaged) across processes, so the result equals one process training the whole 
 - `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each decoder layer, then on `ShardedLM`, a root module
   holding the model and the chunked loss, so the embeddings, final norm and head are gathered around the loss
   as the layers are around their forward. Parameters, gradients and optimizer state live as DTensor shards; each
-  backward reduce-scatters (sums) the gradients. Checkpoints and the final `method.save` see full tensors
+  backward reduce-scatters (sums) the gradients. Full checkpoints and the final `method.save` see full tensors
   (`full_state`, `full_optimizer_state`, `full_parameters`), so a checkpoint has the same format either way; a
   resume loads the full tensors before sharding and re-shards the optimizer state (`shard_optimizer_state`).
+  Sharded checkpoints (`train.checkpoint_format: sharded`, `sharded.py`) write the DTensor shards as they are.
   The model is loaded in full on each process's CPU, then sharded group by group onto its device. A method
   injects its layers before sharding, so FSDP holds all of its parameters (LoRA-Dash's δ from the start); LoRA-Dash's
   switch gathers each frozen weight whole in turn on every process for its SVD (`lora_dash.py`).
 
-Not here: tensor or pipeline parallelism, sharded (per-rank) checkpoint files.
+Not here: tensor or pipeline parallelism.
 """
 
 from __future__ import annotations
