@@ -132,7 +132,7 @@ FT = {"run": "finetune", "data": {"train": ["x.jsonl"]}}
     ({"a": {**FT, "model": "b"}, "b": {**FT, "model": "a"}}, ["stages.a", "cycle", "a -> b -> a"]),
     ({"a": {**FT, "model": "a"}}, ["stages.a", "itself"]),
     ({"a": {"run": "distill"}}, ["stages.a.run", "unknown command 'distill'", "finetune"]),
-    ({"a": {"run": "data dedup"}}, ["stages.a.run", "not wired into the pipeline yet"]),
+    ({"a": {"run": "data self-instruct"}}, ["stages.a.run", "not wired into the pipeline yet"]),
     ({"a": {**FT, "method": {"name": "adapter"}}, "b": dict(FT)}, ["stages.b", "cannot be merged"]),
     ({"a": {**FT, "train": {"stpes": 3}}}, ["stages.a", "train.stpes", "did you mean"]),
     ({"a": {**FT, "target": "x"}}, ["stages.a.target", "no eval: suite"]),
@@ -225,3 +225,41 @@ def test_select_records_where_contains_exclude_skip_limit_text(tmp_path):
     assert [json.loads(x) for x in out.read_text().splitlines()] == [{"text": "math\nAshford 1+1\n2"}]
     with pytest.raises(DataError, match="no record is selected"):
         select_records([src], out, where={"task": ["poetry"]})
+
+
+@pytest.mark.parametrize("name", ["pipeline_domain.yaml", "pipeline_cpsycound.yaml"])
+def test_the_example_recipes_plan(name):
+    from tunelab.config import load_config
+    from tunelab.pipeline import PipelineConfig, plan_pipeline
+
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    plan = plan_pipeline(load_config(PipelineConfig, path), str(path))
+    training = [s for s in plan.stages if s.kind.trains]
+    assert len(training) >= 2 and all(s.targets for s in training)
+    assert [s.model_stage for s in training[1:]] == [s.name for s in training[:-1]]  # each on the one before
+    assert all(s.needs_merge for s in training[:-1] if s.run == "finetune")
+
+
+def test_clean_dedup_and_vocab_extend_stages_feed_the_next_ones(tmp_path, base_model_dir, corpus_file):
+    from tunelab.config import PretrainConfig
+    from tunelab.pipeline import PipelineConfig, run_pipeline
+
+    text = tmp_path / "text.jsonl"
+    lines = corpus_file.read_text(encoding="utf-8").splitlines(keepends=True)[:60]
+    text.write_text("".join(lines + lines[:10]), encoding="utf-8")  # 10 exact duplicates
+    cfg = PipelineConfig(name="p", out_dir=str(tmp_path / "runs"), base=str(base_model_dir), stages={
+        "clean": {"run": "data clean", "from": [str(text)], "quality": {"enabled": False},
+                  "language": {"enabled": False}},
+        "dedup": {"run": "data dedup", "from": ["stage:clean"], "near": False},
+        "vocab": {"run": "vocab extend", "corpus": ["stage:dedup"], "add": 8, "held_out": 0},
+        "text": {"run": "pretrain", "data": {"sources": [{"path": "stage:dedup"}], "seq_len": 32, "eval_fraction": 0},
+                 "train": {"steps": 1, **TRAIN}}})
+    report = run_pipeline(cfg, log=lambda line: None)
+    assert [s["status"] for s in report["stages"]] == ["ran"] * 4
+    out = tmp_path / "runs" / "p"
+    kept = sum(1 for f in (out / "dedup" / "data").glob("*.jsonl") for _ in f.open(encoding="utf-8"))
+    assert kept <= 60  # the planted exact duplicates are gone
+    pcfg = PretrainConfig.model_validate(json.loads((out / "text" / "config.json").read_text()))
+    assert pcfg.model.base == str(out / "vocab" / "model")  # pretraining continues the extended model
+    vocab = json.loads((out / "vocab" / "model" / "vocab_report.json").read_text())
+    assert vocab["vocab_size_after"] > vocab["vocab_size_before"]

@@ -61,7 +61,7 @@ REF = "stage:"
 PIPELINE_KEYS = ("run", "model", "target")  # a stage's keys that are the pipeline's, not its command's
 # settings that change nothing a stage computes (as a resume ignores them)
 FREE_KEYS = {"train": ("log_every", "save_every", "keep_checkpoints", "resume", "resume_force", "distributed")}
-NOT_WIRED = ("vocab extend", "data clean", "data dedup", "data self-instruct")  # commands still to join STAGES
+NOT_WIRED = ("data self-instruct",)  # commands still to join STAGES
 
 
 class PipelineError(TunelabError):
@@ -237,7 +237,7 @@ def plan_pipeline(cfg: PipelineConfig, source: str = "recipe") -> Plan:
         by_name[name] = s
     for s in stages:
         m = by_name.get(s.model_stage) if s.model_stage else None
-        if m is not None and s.kind.trains and m.kind.merge_needed(m):
+        if m is not None and s.kind.wants_base and m.kind.merge_needed(m):
             if not m.kind.mergeable(m):
                 raise ConfigError(f"{s.where}: starts from stage {m.name}'s {m.cfg.method.name} adapter, which cannot "
                                   f"be merged into its base; train {m.name} with lora, lora-dash, dora or full")
@@ -463,6 +463,63 @@ def _run_select(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) 
     return r
 
 
+class VocabSettings(Section):
+    """A `vocab extend` stage: new tokens learned from `corpus`, the stage's model resized to them."""
+
+    corpus: list[str] = Field(min_length=1)
+    add: int = Field(ge=1)
+    init: str = Field("sub-token-mean", pattern="^(sub-token-mean|mean|random)$")
+    held_out: float = Field(0.05, ge=0, lt=1)
+    min_frequency: int = Field(2, ge=1)
+    text_key: str = "text"
+
+
+def _build_vocab(s: Stage, by_name: dict[str, Stage], cfg: PipelineConfig) -> VocabSettings:
+    return validate(VocabSettings, _resolve(s.settings, by_name), source=s.where), _model_of(s, by_name, True)
+
+
+def _run_vocab(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from tunelab.vocab.extend import extend_vocab, summary_lines
+
+    v, base = s.cfg
+    s.dir.mkdir(parents=True, exist_ok=True)
+    r = extend_vocab(base, v.corpus, v.add, s.dir / "model", model=True, init=v.init, held_out=v.held_out,
+                     min_frequency=v.min_frequency, text_key=v.text_key, log=log)
+    for line in summary_lines(r):
+        log(line)
+    return {k: r[k] for k in ("added", "vocab_size_before", "vocab_size_after", "held_out", "wall_s") if k in r}
+
+
+CLEAN_KEYS = ("from", "workers", "on_error")  # a data clean / dedup stage's own keys; the rest is the recipe
+
+
+def _build_clean(cls_name: str) -> Callable:
+    def build(s: Stage, by_name: dict[str, Stage], cfg: PipelineConfig) -> tuple:
+        from tunelab import clean
+
+        settings = _resolve(s.settings, by_name)
+        paths = settings.get("from")
+        if not isinstance(paths, list) or not paths:
+            raise ConfigError(f"{s.where}.from: the input files, directories or globs, as a list (e.g. [stage:x])")
+        workers, on_error = settings.get("workers", 1), settings.get("on_error", "skip")
+        if not isinstance(workers, int) or workers < 1 or on_error not in ("skip", "stop"):
+            raise ConfigError(f"{s.where}: workers must be 1 or more (got {workers!r}), on_error skip or stop "
+                              f"(got {on_error!r})")
+        recipe = validate(getattr(clean, cls_name), {k: v for k, v in settings.items() if k not in CLEAN_KEYS},
+                          source=s.where)
+        return [str(p) for p in paths], recipe, workers, on_error
+    return build
+
+
+def _run_clean(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from tunelab.clean import run_clean, run_dedup
+
+    paths, recipe, workers, on_error = s.cfg
+    run = run_clean if s.run == "data clean" else run_dedup
+    r = run(paths, s.dir, recipe, workers=workers, on_error=on_error, log=log)
+    return {k: v for k, v in r.items() if isinstance(v, int | float | str)}
+
+
 @dataclass(frozen=True)
 class Kind:
     """How the pipeline builds, runs and finds the output of one command."""
@@ -475,6 +532,7 @@ class Kind:
     trains: bool = False  # the eval suite runs after it; it has a target
     takes_model: bool = False
     model_section: bool = False  # `model:` may be a section (pretrain from a preset)
+    wants_base: bool = False  # its model input is a whole model (an earlier adapter is merged for it)
     merge_needed: Callable[[Stage], bool] = lambda s: False  # its output must be merged to be trained on
     mergeable: Callable[[Stage], bool] = lambda s: True
 
@@ -489,10 +547,10 @@ def _train_inputs(module: str) -> Callable[[Stage], dict[str, Any]]:
 STAGES: dict[str, Kind] = {
     "pretrain": Kind(_build_pretrain, _run_training(_run_pretrain), lambda s: s.dir / "model",
                      _train_inputs("tunelab.train.pretrain"), base=lambda s: s.dir / "model", trains=True,
-                     takes_model=True, model_section=True),
+                     takes_model=True, model_section=True, wants_base=True),
     "finetune": Kind(_build_finetune, _run_training(_run_finetune), _finetune_output,
                      _train_inputs("tunelab.train.finetune"), base=_finetune_base, trains=True, takes_model=True,
-                     model_section=True, merge_needed=lambda s: s.cfg.method.name != "full",
+                     model_section=True, wants_base=True, merge_needed=lambda s: s.cfg.method.name != "full",
                      mergeable=lambda s: s.cfg.method.name in ("lora", "lora-dash", "dora", "full")),
     "eval": Kind(_build_eval, _run_eval_stage, lambda s: s.dir,
                  lambda s: {"model": s.cfg.models[0].partition("=")[2],
@@ -502,6 +560,13 @@ STAGES: dict[str, Kind] = {
                    lambda s: s.dir / ("gguf" if s.cfg["format"] == "gguf" else "model"),
                    lambda s: {"adapter": s.cfg["model"]},
                    base=lambda s: s.dir / "model", takes_model=True),
+    "vocab extend": Kind(_build_vocab, _run_vocab, lambda s: s.dir / "model",
+                         lambda s: {"base model": s.cfg[1], "corpus": s.cfg[0].corpus}, base=lambda s: s.dir / "model",
+                         takes_model=True, wants_base=True),
+    "data clean": Kind(_build_clean("CleanConfig"), _run_clean, lambda s: s.dir / "data",
+                       lambda s: {"data": s.cfg[0]}),
+    "data dedup": Kind(_build_clean("DedupConfig"), _run_clean, lambda s: s.dir / "data",
+                       lambda s: {"data": s.cfg[0]}),
     "tokenizer train": Kind(_build_tokenizer, _run_tokenizer, lambda s: s.dir / "tokenizer",
                             lambda s: {"corpus": s.cfg.files}),
     "data select": Kind(_build_select, _run_select, lambda s: s.dir / "data.jsonl", lambda s: {"data": s.cfg.paths}),
