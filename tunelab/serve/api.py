@@ -112,6 +112,9 @@ _EXPECTED = {
 }
 
 
+_UNION_TAGS = {"str", "int", "bool", "float", "dict", "list"}
+
+
 def error_body(status: int, message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code if code is not None else
                       str(status)}}
@@ -125,7 +128,7 @@ def error_response(e: ServeError) -> JSONResponse:
 def _validation_error(e: ValidationError) -> ServeError:
     err = e.errors()[0]
     loc = [str(x) for x in err["loc"] if isinstance(x, int | str)]
-    names = [x for x in loc if x in _EXPECTED or not (x.startswith(("list[", "str", "int", "bool", "float")))]
+    names = [x for x in loc if x not in _UNION_TAGS and "[" not in x and not x[:1].isupper()]  # no union tags
     param = ".".join(names) or None
     field = next((x for x in reversed(names) if not x.isdigit()), None)
     if err["type"] == "missing":
@@ -377,7 +380,7 @@ def create_app(state, api_key: str | None = None, allow_runtime_lora: bool = Fal
         limit = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
         samplings, choice_prompts = [], []
         for ids in prompts:
-            max_tokens = state.check_length(ids, limit, 16 if not chat else None)
+            max_tokens = state.check_length(ids, limit, None if chat else 16, "messages" if chat else "prompt")
             stop_ids = set(state.stop_ids(adapter, chat))
             for j in range(n):
                 seed = None if body.seed is None else body.seed + j

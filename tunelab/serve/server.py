@@ -64,12 +64,12 @@ class ServerState:
             return self.registry.base_stop_ids if adapter is None else adapter.chat_stop_ids
         return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
-    def check_length(self, ids: list[int], max_tokens: int | None, default: int | None) -> int:
+    def check_length(self, ids: list[int], max_tokens: int | None, default: int | None, param: str) -> int:
         """The reply's token limit: `max_tokens`, else `default`, else the rest of the context; 400 past it."""
         room = self.context - len(ids)
         if room < 1:
             raise ServeError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.context} tokens, "
-                                  f"which leaves no room for a reply", code="context_length_exceeded", param="messages")
+                                  f"which leaves no room for a reply", code="context_length_exceeded", param=param)
         if max_tokens is None:
             return min(default, room) if default is not None else room
         if max_tokens < 1:
