@@ -436,3 +436,31 @@ def test_checkpoint_export_against_its_inputs(tmp_path, model, chat_file, capsys
         assert main(["checkpoint", "export", str(ckpt), "--out", str(out)]) == 0
     assert read_marker(out)["kind"] == "adapter"
     refused(capsys, ["checkpoint", "export", ckpt, "--out", runs / "ck"], "contains the checkpoint")  # its run
+
+
+# -- vocab extend --------------------------------------------------------------------------------------------
+
+def test_vocab_extend_against_its_inputs(tmp_path, model, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "zh.txt").write_text("\n\n".join(["我们是朋友，我们一起学习。"] * 30), encoding="utf-8")
+    before = digest(model)
+    args = ["vocab", "extend", model, corpus, "--add", "5", "--model"]
+    refused(capsys, [*args, "--out", model], "is the base")
+    refused(capsys, [*args, "--out", model / "ext"], "lies inside the base")
+    refused(capsys, [*args, "--out", corpus], "is the corpus")
+    refused(capsys, [*args, "--out", tmp_path], "contains the base")
+    assert digest(model) == before
+    out = tmp_path / "ext"
+    for _ in range(2):  # the second run replaces its own earlier output
+        assert main([str(a) for a in [*args, "--out", out]]) == 0
+    assert read_marker(out)["kind"] == "extended model"
+    capsys.readouterr()
+    refused(capsys, ["vocab", "extend", model, corpus, "--add", "5", "--out", out], "is a tunelab extended model, "
+            "not a extended tokenizer")
+    refused(capsys, [*args, "--out", model.parent], "contains the base")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    refused(capsys, [*args, "--out", other], "was not written by tunelab")
+    assert digest(model) == before and (other / "keep.txt").read_text() == "keep"
