@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tunelab.clean.config import LanguageFilter
 
-MAX_CHARS = 4000
+MAX_CHARS = 1500
 _IDENTIFIER = None
 
 

@@ -1,11 +1,11 @@
 """MinHash signatures, vectorised with numpy, with the maths of datasketch's default `MinHash` (scheme affine32).
 
-Each shingle is hashed to 32 bits (xxh32), pre-mixed by the MurmurHash3 finalizer and permuted K times with
+Each shingle is hashed to 32 bits (`shingles`), pre-mixed by the MurmurHash3 finalizer and permuted K times with
 `a_k * h + b_k mod 2^32` (a_k odd: a bijection); the signature is the per-permutation minimum. The permutations come
 from `numpy.random.RandomState(seed)` exactly as datasketch draws them, so a tunelab signature equals
-`datasketch.MinHash(num_perm, seed, hashfunc=xxh32_intdigest).update_batch(shingles)` value for value
-(tests/test_dedup.py checks it); computing a whole batch of documents in one array operation is what makes it
-several times faster than one `MinHash` object per document.
+`datasketch.MinHash(num_perm, seed, hashfunc=int).update_batch(shingle_hashes)` value for value
+(tests/test_dedup.py checks it). Hashing each token once and combining n-grams in numpy, instead of building and
+hashing a string per shingle, is most of the speed.
 
 Banding: K = b * r; a pair is a candidate when the r values of any band agree, with probability
 `1 - (1 - s^r)^b` at Jaccard s. `optimal_bands` picks (b, r) as datasketch's `MinHashLSH` does, minimising the
@@ -27,7 +27,7 @@ MAX32 = np.uint32(0xFFFFFFFF)
 
 def normal_tokens(text: str) -> list[str]:
     """The text as dedup compares it: NFKC, lower case, words and single Chinese characters (no punctuation)."""
-    return TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
+    return TOKEN.findall((text if text.isascii() else unicodedata.normalize("NFKC", text)).lower())
 
 
 def exact_key(tokens: list[str]) -> int:
@@ -35,11 +35,43 @@ def exact_key(tokens: list[str]) -> int:
     return xxhash.xxh64_intdigest(" ".join(tokens).encode())
 
 
-def shingles(tokens: list[str], n: int) -> list[bytes]:
-    """The distinct n-token shingles (a document shorter than n tokens is one shingle)."""
-    if len(tokens) <= n:
-        return [" ".join(tokens).encode()]
-    return list({" ".join(tokens[i:i + n]).encode() for i in range(len(tokens) - n + 1)})
+_TOKEN_HASH: dict[str, int] = {}
+TOKEN_CACHE = 1 << 21  # entries (a corpus's vocabulary repeats: most tokens are looked up, not hashed)
+
+
+def token_hashes(tokens: list[str]) -> list[int]:
+    """xxh32 of each token, through a per-process cache."""
+    cache = _TOKEN_HASH
+    try:
+        return [cache[x] for x in tokens]
+    except KeyError:
+        if len(cache) > TOKEN_CACHE:
+            cache.clear()
+        for x in tokens:
+            if x not in cache:
+                cache[x] = xxhash.xxh32_intdigest(x.encode())
+        return [cache[x] for x in tokens]
+
+
+def shingles(tokens: list[str], n: int) -> np.ndarray:
+    """32-bit hashes of the document's n-token shingles (a document shorter than n tokens is one shingle).
+
+    Each token is hashed once (xxh32); a shingle's hash combines its n token hashes (multiply-add in uint64, then
+    the MurmurHash3 64-bit finalizer, top 32 bits), so no shingle string is ever built. Repeated shingles need no
+    removal: a minimum over a multiset is the minimum over its set."""
+    t = np.array(token_hashes(tokens or [""]), dtype=np.uint64)
+    k = min(n, len(t))
+    length = len(t) - k + 1
+    with np.errstate(over="ignore"):
+        h = t[:length].copy()
+        for j in range(1, k):
+            h = h * np.uint64(0x100000001B3) + t[j:j + length]
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return (h >> np.uint64(32)).astype(np.uint32)
 
 
 @lru_cache(maxsize=8)
@@ -60,15 +92,17 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
-def signatures(docs: list[list[bytes]], num_perm: int, seed: int) -> np.ndarray:
-    """(len(docs), num_perm) uint32 MinHash signatures of documents given as lists of shingles (each non-empty)."""
+def signatures(docs: list[np.ndarray], num_perm: int, seed: int) -> np.ndarray:
+    """(len(docs), num_perm) uint32 MinHash signatures of documents given as their shingle hashes (`shingles`).
+
+    The permutations and minima run per document, on a (shingles x permutations) block small enough to stay in
+    the CPU cache (one block for a whole batch is ~10x slower for its memory traffic)."""
     a, b = permutations(num_perm, seed)
-    counts = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    hv = np.fromiter((xxhash.xxh32_intdigest(s) for d in docs for s in d), dtype=np.uint32, count=int(counts.sum()))
+    out = np.empty((len(docs), num_perm), dtype=np.uint32)
     with np.errstate(over="ignore"):
-        phv = fmix32(hv)[:, None] * a[None, :] + b[None, :]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.minimum.reduceat(phv, starts, axis=0)
+        for i, hv in enumerate(docs):
+            out[i] = (fmix32(hv)[:, None] * a + b).min(axis=0)
+    return out
 
 
 def collision_probability(s: float | np.ndarray, bands: int, rows: int):

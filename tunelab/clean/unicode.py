@@ -38,17 +38,27 @@ def mojibake_chars(text: str) -> int:
     return badness(text) + text.count("\ufffd") + len(C1.findall(text)) + 3 * len(KUNKAO.findall(text))
 
 
+def _may_be_mojibake(text: str) -> bool:
+    """A fast gate before ftfy (~1 ms a page): ASCII text cannot hold mojibake; other text goes to ftfy when its
+    badness heuristic fires or it holds U+FFFD, C1 controls or 锟斤拷-style runs."""
+    if text.isascii():
+        return False
+    from ftfy.badness import is_bad
+
+    return is_bad(text) or "\ufffd" in text or C1.search(text) is not None or KUNKAO.search(text) is not None
+
+
 def fix_unicode(text: str, cfg: UnicodeFilter) -> tuple[str | None, list[str]]:
     """(fixed text, the changes made), or (None, [reason]) when the document is dropped as unrepairable."""
     changes: list[str] = []
-    if cfg.fix_mojibake:
+    if cfg.fix_mojibake and _may_be_mojibake(text):
         import ftfy
 
         fixed = ftfy.fix_text(text, _fixer_config())
         if fixed != text:
             changes.append("mojibake_repaired")
             text = fixed
-        if text and mojibake_chars(text) / len(text) > cfg.max_mojibake_ratio:
+        if mojibake_chars(text) / len(text) > cfg.max_mojibake_ratio:
             return None, ["mojibake"]
     if cfg.remove_control:
         stripped = CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
