@@ -195,8 +195,9 @@ def run_datatrove(folder: Path, work: Path, threshold: float, num_perm: int) -> 
             yield Document(text=text, id=str(i))
 
     bands, rows = optimal_bands(threshold, num_perm)
+    # sha1 as FineWeb; datatrove's xxhash path passes str, which xxhash>=4 refuses
     cfg = MinhashConfig(n_grams=5, num_buckets=bands, hashes_per_bucket=rows,
-                        hash_config=HashConfig(precision=64, hash_fc="sha1"))  # FineWeb's; its xxhash path needs xxhash<4
+                        hash_config=HashConfig(precision=64, hash_fc="sha1"))
     base = work / "datatrove"
     steps = [
         ([reader, MinhashDedupSignature(output_folder=str(base / "sigs"), config=cfg, language=SameTokens())], 1),
@@ -316,7 +317,6 @@ def dedup_table(name: str, docs: list[dict], planted: list, root: Path, args: ar
                      "removed": len(r["result"]), "precision": p, "recall": rec,
                      "docs_per_s": len(docs) / r["wall_s"], "wall_s": r["wall_s"], "peak_mb": r["peak_mb"]})
     per_rate = {}
-    tl = set(runs["tunelab"]["result"])
     for rate in (0.0, *EDIT_RATES):
         group = [c for c, _, x in planted if x == rate]
         per_rate[rate] = {"planted": len(group), "true dup": sum(c in dup for c in group),
@@ -324,7 +324,6 @@ def dedup_table(name: str, docs: list[dict], planted: list, root: Path, args: ar
     print(f"[{name}] removed per edit rate (planted copies; 'true dup' = Jaccard >= {args.threshold}):", flush=True)
     for rate, row in per_rate.items():
         print(f"  {rate:>5.0%}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-    del tl
     return rows
 
 
