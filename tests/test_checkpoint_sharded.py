@@ -167,10 +167,13 @@ def test_sharded_resume_is_exact_and_refuses_a_changed_recipe(tmp_path, single, 
 
 def test_async_save_killed_in_its_background_write_resumes_from_the_last_complete_one(tmp_path, base_model_dir,
                                                                                        chat_file):
-    raw = recipe(tmp_path / "ref", base_model_dir, chat_file, dropout=0.1)  # dropout: the RNG resumes too
+    # dropout: the random states resume too; LoRA-Dash switching after step 3: the checkpoint of step 2 holds no
+    # optimizer state for its directions, and the resumed run must give them none either
+    raw = recipe(tmp_path / "ref", base_model_dir, chat_file, dropout=0.1)
+    raw["method"].update(name="lora-dash", dash_steps=3, dash_directions=2)
     reference = run_finetune(validate(FinetuneConfig, raw), device="cpu")
     want = step_losses(Path(reference["run_dir"]))
-    raw = recipe(tmp_path, base_model_dir, chat_file, dropout=0.1, checkpoint="async")
+    raw = {**raw, "out_dir": str(tmp_path), "train": {**raw["train"], "checkpoint": "async"}}
     path = write_recipe(tmp_path, raw)
     proc = subprocess.run([sys.executable, "-c", KILLER, "2", "finetune", str(path)], capture_output=True,
                           text=True, timeout=300)

@@ -28,7 +28,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from tunelab.errors import TunelabError
 
@@ -108,13 +112,46 @@ def load_trainable(path: Path, method) -> dict[str, torch.Tensor]:
     return target["trainable"]
 
 
+def saved_optimizer_params(path: Path) -> set[str]:
+    """Names of the parameters whose optimizer state a sharded checkpoint holds (`optimizer.state.<name>.<key>`)."""
+    meta = FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    prefix = "optimizer.state."
+    return {k[len(prefix):].rsplit(".", 1)[0] for k in meta if k.startswith(prefix)}
+
+
+def _allocate_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Give exactly `params` an optimizer state (a step with zero gradients and zero learning rate changes no
+    weight), so that the state DCP loads into has their shapes and shardings; parameters without saved state
+    (e.g. LoRA-Dash's directions before its switch) keep none, as in the run that wrote the checkpoint."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
 def load_optimizer(path: Path, method, optimizer: torch.optim.Optimizer) -> None:
     """Load the optimizer state of a sharded checkpoint into `optimizer`, in whatever way its parameters are
     sharded now (each process reads the parts it holds)."""
-    state = get_optimizer_state_dict(method.model, optimizer)  # allocates the state (a zero-lr step changes nothing)
+    saved = saved_optimizer_params(path)
+    names = {p: n for n, p in method.model.named_parameters()}  # the names get_optimizer_state_dict gives
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    unknown = sorted(saved - {names.get(p) for p in params})
+    if unknown:
+        raise CheckpointError(f"{path}: the checkpoint holds optimizer state for {len(unknown)} parameter(s) this "
+                              f"run does not train (first: {unknown[0]}); resume it with the recipe that wrote it")
+    if optimizer.state:
+        raise CheckpointError("the optimizer already has a state; load a checkpoint into a fresh one")
+    _allocate_state(optimizer, [p for p in params if names.get(p) in saved])
+    state = get_optimizer_state_dict(method.model, optimizer)
     target = {"optimizer": state}
     _load(target, path)
-    set_optimizer_state_dict(method.model, optimizer, target["optimizer"])
+    # not strict: a parameter that had no state when the checkpoint was written still has none
+    set_optimizer_state_dict(method.model, optimizer, target["optimizer"], options=StateDictOptions(strict=False))
 
 
 class ShardedWriter:
