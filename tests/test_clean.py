@@ -186,3 +186,15 @@ def test_pretrain_reads_the_cleaned_directory(tmp_path, corpus):
     run_clean([corpus], tmp_path / "out")
     texts = read_documents(tmp_path / "out")
     assert len(texts) == 18 and texts[0] == f"{EN} (a0)"
+
+
+def test_example_recipe_validates_and_options_may_come_first(tmp_path, corpus, monkeypatch):
+    from tunelab.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    assert load_config(CleanConfig, root / "examples" / "clean_web.yaml").pii.enabled
+    out = tmp_path / "out"
+    assert main(["data", "clean", "--out", str(out), "--on-error", "stop", str(corpus / "a.jsonl"),
+                 str(root / "examples" / "clean_web.yaml"), "lines.repeated_min_docs=5"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["pii"]["enabled"] and report["removed"]["lines.repeated"]["lines"] == 8
