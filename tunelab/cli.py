@@ -437,6 +437,19 @@ def _cmd_data_lint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_self_instruct(args: argparse.Namespace) -> int:
+    from tunelab.data.self_instruct import format_summary, load_self_instruct_config, run_self_instruct
+
+    cfg = load_self_instruct_config(args.config, args.overrides, seed_tasks=args.seed_tasks, out=args.out,
+                                    num=args.num, generator=args.generator, generator_url=args.generator_url,
+                                    generator_model=args.model, report=args.report, seed=args.seed)
+    report = run_self_instruct(cfg, api_key=args.api_key,
+                               log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    for line in format_summary(report):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
 def _cmd_data_clean_or_dedup(args: argparse.Namespace) -> int:
     from tunelab.clean import CleanConfig, DedupConfig, run_clean, run_dedup
     from tunelab.clean.screen import load_recipe, show_summary, split_positionals, stage_progress
@@ -611,6 +624,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the full report to this JSON file")
     p.add_argument("--print-json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_cmd_data_lint)
+    p = data.add_parser("self-instruct", help="grow instruction data from seed tasks with a model (Self-Instruct); "
+                                              "ROUGE-L novelty and heuristic filters; resumable")
+    p.add_argument("config", nargs="?", help="YAML recipe (keys of SelfInstructConfig; optional)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. threshold=0.6 prompts_per_round=8")
+    p.add_argument("--seed-tasks", help="seed tasks (.jsonl), e.g. ../shared/data/alpaca_seed_tasks.jsonl")
+    p.add_argument("--generator", metavar="MODEL_DIR", help="a local model or adapter directory to generate with")
+    p.add_argument("--generator-url", metavar="URL", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="the endpoint's model name (default: the first it lists)")
+    p.add_argument("--api-key", help="the endpoint's API key (or api_key_env=VAR in the recipe)")
+    p.add_argument("--num", type=int, help="generated tasks to keep")
+    p.add_argument("--out", help="output Alpaca JSONL (rerun the same command to continue a stopped run)")
+    p.add_argument("--report", help="report JSON (default: the output's name with .report.json)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.set_defaults(func=_cmd_data_self_instruct)
 
     for action, help_text in (("clean", "clean text corpora: Unicode, boilerplate lines, Gopher quality, language, PII; "
                                         "shard by shard, resumable"),
