@@ -464,3 +464,25 @@ def test_vocab_extend_against_its_inputs(tmp_path, model, capsys):
     (other / "keep.txt").write_text("keep")
     refused(capsys, [*args, "--out", other], "was not written by tunelab")
     assert digest(model) == before and (other / "keep.txt").read_text() == "keep"
+
+
+# -- data self-instruct --------------------------------------------------------------------------------------
+
+def test_data_self_instruct_against_its_inputs(tmp_path, model, capsys):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"instruction": "Name three colours.", "instances": [{"input": "", "output": "Red, "
+                                                                                      "blue, green."}]}) + "\n")
+    before, seed_text = digest(model), seeds.read_text()
+    args = ["data", "self-instruct", "--seed-tasks", seeds, "--generator", model, "--num", "1"]
+    refused(capsys, [*args, "--out", model / "tasks.jsonl"], "lies inside the generator model")
+    refused(capsys, [*args, "--out", tmp_path / "o.jsonl", "--report", seeds], "is the seed tasks")
+    refused(capsys, [*args, "--out", tmp_path / "o.jsonl", "--report", tmp_path / "o.jsonl"], "the same file")
+    refused(capsys, [*args, "--out", tmp_path / "o.jsonl", "--report", model / "r.json"], "lies inside the generator")
+    mine = tmp_path / "mine.jsonl"  # a data file tunelab did not write: never appended to
+    mine.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    refused(capsys, [*args, "--out", mine], "was not written by tunelab data self-instruct")
+    report = tmp_path / "notes.json"  # a report path that is someone else's file: never replaced
+    report.write_text('{"keep": true}')
+    refused(capsys, [*args, "--out", tmp_path / "o.jsonl", "--report", report], "not a tunelab self-instruct report")
+    assert digest(model) == before and seeds.read_text() == seed_text and report.read_text() == '{"keep": true}'
+    assert mine.read_text() == '{"instruction": "a", "input": "", "output": "b"}\n'
