@@ -11,6 +11,7 @@ import torch
 from conftest import random_lora_adapter
 
 from tunelab.models import load_model, load_tokenizer
+from tunelab.serve import lora_bank
 from tunelab.serve.adapters import AdapterRegistry, ServeError, read_lora_weights
 from tunelab.serve.engine import Engine, Request, Sampling, _safe_prefix
 
@@ -117,7 +118,9 @@ def peft_greedy(base_model_dir, adapters, jobs):
     return out
 
 
-def test_mixed_batch_equals_alone_and_peft(engine, adapters, base_model_dir):
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_mixed_batch_equals_alone_and_peft(engine, adapters, base_model_dir, path, monkeypatch):
+    monkeypatch.setattr(lora_bank, "DENSE_SLOTS", 16 if path == "dense" else 0)
     names = [None, *adapters]
     jobs = [(p, names[(i + k) % len(names)], 4 + k) for k, p in enumerate(PROMPTS[:3]) for i in range(len(names))]
     steps = engine.steps
@@ -160,6 +163,17 @@ def test_sampling_with_a_seed_repeats(engine):
         assert ev.wait(30)
         outs.append("".join(t for _, t in got))
     assert outs[0] == outs[1]
+
+
+def test_min_tokens_keeps_stop_ids_out(engine):
+    from tunelab.serve.engine import _Row
+
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    rows = [_Row(Request([1], None, Sampling(4, stop_ids={1}, min_tokens=2), print), 0),
+            _Row(Request([1], None, Sampling(4, stop_ids={1}, min_tokens=0), print), 0)]
+    assert engine._sample(logits.clone(), rows) == [2, 1]
+    rows[0].generated = [2, 2]
+    assert engine._sample(logits.clone(), rows) == [1, 1]
 
 
 def test_unservable_adapters_are_refused(base_model_dir, tmp_path):

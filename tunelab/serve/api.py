@@ -4,9 +4,9 @@ Routes: `GET /health` (no key needed), `GET /v1/models` (the base and every adap
 `POST /v1/completions`, `POST /v1/chat/completions` (each adapter's own chat template), and vLLM's
 `POST /v1/load_lora_adapter` / `POST /v1/unload_lora_adapter` (with `allow_runtime_lora`). A request picks its
 adapter by `model`. Supported fields: max_tokens (chat: or max_completion_tokens), temperature (0 = greedy),
-top_p, n (at most 8), stop (at most 4 strings), seed, stream with stream_options.include_usage, user; unknown
-fields are ignored; fields whose feature the server lacks (logprobs, echo, suffix, best_of > 1, penalties,
-logit_bias, tools) are refused with 400 rather than silently ignored.
+top_p, n (at most 8), stop (at most 4 strings), seed, stream with stream_options.include_usage, user, and vLLM's
+min_tokens; unknown fields are ignored; fields whose feature the server lacks (logprobs, echo, suffix, best_of > 1,
+penalties, logit_bias, tools) are refused with 400 rather than silently ignored.
 Every error is OpenAI's object `{"error": {"message", "type", "param", "code"}}` with its status: 400 bad JSON /
 fields / values / context length, 401 no or wrong `Authorization: Bearer` key, 403 refused paths or routes, 404
 unknown model or route, 413 body over the limit, 503 queue full. Once a stream has started, an error arrives as
@@ -65,6 +65,7 @@ class _Generation(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     user: str | None = None
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's extension: no stop token before this many
 
 
 class CompletionBody(_Generation):
@@ -386,7 +387,7 @@ def create_app(state, api_key: str | None = None, allow_runtime_lora: bool = Fal
                 seed = None if body.seed is None else body.seed + j
                 temperature = 1.0 if body.temperature is None else body.temperature
                 samplings.append(Sampling(max_tokens, temperature, 1.0 if body.top_p is None else body.top_p,
-                                          seed, stops, stop_ids))
+                                          seed, stops, stop_ids, min(body.min_tokens or 0, max_tokens)))
                 choice_prompts.append(ids)
         job = _Job(state, choice_prompts, adapter, samplings)
         reply = _Reply(chat, body.model, len(choice_prompts))

@@ -42,6 +42,7 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_ids: set[int] = field(default_factory=set)
+    min_tokens: int = 0  # stop ids cannot be sampled before this many tokens (vLLM's min_tokens)
 
 
 class Request:
@@ -238,6 +239,10 @@ class Engine:
         self._leave([row for row, tok in zip(rows, tokens) if self._accept(row, tok)])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        for i, row in enumerate(rows):
+            s = row.req.sampling
+            if len(row.generated) < s.min_tokens and s.stop_ids:
+                logits[i, list(s.stop_ids)] = float("-inf")
         tokens = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             s = row.req.sampling

@@ -5,12 +5,14 @@ For a target linear `W` and batch row i served by the adapter in slot k(i):
     y_i = W x_i + b + B_k (A_k x_i)                       (LoRA, rsLoRA: the scaling is folded into B_k)
     y_i = W x_i + b + (g_k − 1)·W x_i + B_k (A_k x_i)     (DoRA: g_k = m_k / ‖W + s·B A‖ per row, folded into B_k)
 
-The bank holds `A: (slots+1, r_max, d_in)` and `B: (slots+1, d_out, r_max)`; slot 0 stays all zeros and stands for
-the base model, an adapter of rank r < r_max fills `A[k, :r]`, `B[k, :, :r]` and the zero padding adds nothing.
-A batch whose rows all use one slot runs two plain matmuls at that slot's own rank; a mixed batch gathers each
-row's A and B (`A[idx]`) and runs two `bmm`s at the largest rank among its rows (Punica's BGMV semantics, in
-plain torch). The update is added by a forward hook on each adapted `nn.Linear`: the model stays a plain
-transformers model, and modules no resident adapter targets cost nothing.
+The bank holds `A: (slots+1, r_max, d_in)` and `Bᵀ: (slots+1, r_max, d_out)`; slot 0 stays all zeros and stands
+for the base model, an adapter of rank r < r_max fills `A[k, :r]`, `Bᵀ[k, :r]` and the zero padding adds nothing.
+A batch whose rows all use one slot runs two plain matmuls at that slot's own rank. A mixed batch either runs two
+dense matmuls over every slot up to its highest one, each row masked to its own slot's columns (few adapters: no
+copies, the weights read once), or gathers each row's A and Bᵀ with `index_select` and runs two `bmm`s at the
+largest rank among its rows (many adapters; Punica's BGMV semantics in plain torch). The update is added by a
+forward hook on each adapted `nn.Linear`: the model stays a plain transformers model, and modules no resident
+adapter targets cost nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+DENSE_SLOTS = 16  # a mixed batch whose highest slot is below this runs the masked dense path
 
 @dataclass
 class LoraWeights:
@@ -35,14 +38,14 @@ class LoraWeights:
 
 
 class _ModuleBank:
-    """The stacked A/B (and DoRA g) slots of one adapted linear, and the hook that adds a batch's updates."""
+    """The stacked A and Bᵀ (and DoRA g) slots of one adapted linear, and the hook that adds a batch's updates."""
 
     def __init__(self, bank: LoraBank, linear: nn.Linear, slots: int, r_max: int):
         self.bank, self.linear = bank, linear
         w = linear.weight
         kw = dict(device=w.device, dtype=w.dtype)
         self.A = torch.zeros(slots + 1, r_max, linear.in_features, **kw)
-        self.B = torch.zeros(slots + 1, linear.out_features, r_max, **kw)
+        self.B = torch.zeros(slots + 1, r_max, linear.out_features, **kw)  # B transposed: rank rows
         self.g: torch.Tensor | None = None  # (slots+1, d_out) DoRA factors, 1 where a slot is not DoRA
         self.rank = [0] * (slots + 1)  # this module's rank in each slot (0: the slot's adapter leaves it alone)
         self.handle = linear.register_forward_hook(self._hook)
@@ -51,7 +54,7 @@ class _ModuleBank:
         pad = r_max - self.A.shape[1]
         if pad > 0:
             self.A = torch.cat([self.A, self.A.new_zeros(self.A.shape[0], pad, self.A.shape[2])], 1)
-            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.B.shape[1], pad)], 2)
+            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], pad, self.B.shape[2])], 1)
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, g: torch.Tensor | None) -> None:
         self.A[slot].zero_()
@@ -59,9 +62,9 @@ class _ModuleBank:
         self.rank[slot] = 0 if a is None else a.shape[0]
         if a is not None:
             self.A[slot, :a.shape[0]].copy_(a)
-            self.B[slot, :, :a.shape[0]].copy_(b)
+            self.B[slot, :a.shape[0]].copy_(b.T)
         if g is not None and self.g is None:
-            self.g = torch.ones(self.A.shape[0], self.B.shape[1], device=self.A.device, dtype=self.A.dtype)
+            self.g = torch.ones(self.A.shape[0], self.B.shape[2], device=self.A.device, dtype=self.A.dtype)
         if self.g is not None:
             self.g[slot] = 1 if g is None else g.to(self.g.dtype)
 
@@ -75,14 +78,19 @@ class _ModuleBank:
                 return None
             if self.g is not None:
                 out = out + (self.g[k] - 1) * _without_bias(out, module)
-            return out + (x @ self.A[k, :r].T) @ self.B[k, :, :r].T
+            return out + (x @ self.A[k, :r].T) @ self.B[k, :r]
         if not any(self.rank[k] for k in bank.distinct):
             return None
-        idx, r = bank.index, bank.r_eff
         if self.g is not None:
-            out = out + (self.g[idx] - 1).unsqueeze(1) * _without_bias(out, module)
-        h = torch.bmm(x, self.A[idx, :r].transpose(1, 2))
-        return out + torch.bmm(h, self.B[idx, :, :r].transpose(1, 2))
+            out = out + (self.g[bank.index] - 1).unsqueeze(1) * _without_bias(out, module)
+        if bank.dense:  # every resident slot up to the batch's highest, masked to each row's own
+            n = bank.width
+            h = x.reshape(-1, x.shape[-1]) @ self.A.view(-1, self.A.shape[-1])[:n].T
+            h = h * bank.token_mask(x.shape[1])
+            return out + (h @ self.B.view(-1, self.B.shape[-1])[:n]).view(out.shape)
+        r = bank.r_eff
+        a = self.A[:, :r].index_select(0, bank.index)
+        return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), self.B[:, :r].index_select(0, bank.index))
 
 
 def _without_bias(out: torch.Tensor, module: nn.Linear) -> torch.Tensor:
@@ -110,7 +118,8 @@ class LoraBank:
         self.distinct: set[int] = set()
         self.single: int | None = 0  # the slot every row uses, or None for a mixed batch
         self.index = torch.zeros(0, dtype=torch.long)
-        self.r_eff = 0
+        self.r_eff, self.dense, self.width = 0, False, 0
+        self._mask, self._masks = None, {}
 
     # --- residency -----------------------------------------------------------------------------------------------
 
@@ -167,7 +176,12 @@ class LoraBank:
     # --- per forward ---------------------------------------------------------------------------------------------
 
     def set_rows(self, slots: list[int]) -> None:
-        """The slot each batch row of the next forward uses."""
+        """The slot each batch row of the next forward uses.
+
+        A batch of one slot runs at that slot's rank. A mixed batch whose highest slot is below `DENSE_SLOTS`
+        multiplies every slot up to it and masks each row to its own (two plain matmuls, no copies); past that, it
+        gathers each row's A and B (`index_select`, then `bmm`), which moves less when many adapters share a batch.
+        """
         distinct = self.distinct = set(slots)
         if len(distinct) == 1:
             self.single = slots[0]
@@ -176,6 +190,21 @@ class LoraBank:
         device = next(iter(self.modules.values())).A.device if self.modules else "cpu"
         self.index = torch.tensor(slots, dtype=torch.long, device=device)
         self.r_eff = max(self.rank[s] for s in distinct)
+        top = max(distinct) + 1
+        self.dense = top <= DENSE_SLOTS
+        self.width = top * self.r_max
+        self._masks = {}
+        if self.dense:
+            mask = torch.zeros(len(slots), top, self.r_max, device=device,
+                               dtype=next(iter(self.modules.values())).A.dtype)
+            mask[torch.arange(len(slots), device=device), self.index] = 1
+            self._mask = mask.view(len(slots), -1)
+
+    def token_mask(self, tokens: int) -> torch.Tensor:
+        """The dense path's (rows x tokens, width) mask: 1 on the columns of each row's own slot."""
+        if tokens not in self._masks:
+            self._masks[tokens] = self._mask.repeat_interleave(tokens, 0)
+        return self._masks[tokens]
 
     def remove(self) -> None:
         """Take every hook out of the model (it is a plain model again)."""
