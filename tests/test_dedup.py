@@ -148,3 +148,13 @@ def test_bad_lines_are_skipped_and_kept_documents_line_up(tmp_path):
     assert ids(tmp_path / "out") == [1, 3] and r["skipped_lines"] == 2
     clusters = [json.loads(x) for x in (tmp_path / "out" / "clusters.jsonl").read_text().splitlines()]
     assert clusters == [{"removed": f"{f}:4", "survivor": f"{f}:2", "kind": "exact", "similarity": 1.0}]
+
+
+def test_dedup_reads_a_clean_output_directory_as_its_shards(tmp_path, planted):
+    from tunelab.clean import CleanConfig, run_clean
+
+    files, truth = planted
+    cfg = {"quality": {"enabled": False}, "language": {"enabled": False}, "lines": {"enabled": False}}
+    run_clean(files, tmp_path / "clean", CleanConfig.model_validate(cfg))
+    r = run_dedup([tmp_path / "clean"], tmp_path / "dedup")
+    assert r["documents_in"] == 110 and r["skipped_lines"] == 0 and set(ids(tmp_path / "dedup")).isdisjoint(truth)

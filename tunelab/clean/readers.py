@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.text import is_cleaned_output
 from tunelab.errors import DataError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
@@ -35,6 +36,8 @@ def resolve_inputs(inputs: list[str | Path]) -> list[Path]:
             if shard_suffix(p) is None:
                 raise DataError(f"{p}: unsupported file type; give .jsonl, .jsonl.gz, .parquet or .txt files")
             found = [p]
+        elif p.is_dir() and is_cleaned_output(p):  # an earlier clean/dedup output: its shards, not its reports
+            found = sorted((p / "data").glob("part-*.jsonl"))
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and shard_suffix(f) and not _hidden(f, p))
             if not found:

@@ -19,7 +19,7 @@ def resolve_files(path: str | Path) -> list[Path]:
     p = Path(path)
     if p.is_file():
         return [p]
-    if p.is_dir() and _is_cleaned_output(p):
+    if p.is_dir() and is_cleaned_output(p):
         return sorted((p / "data").glob("part-*.jsonl"))
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
@@ -33,7 +33,7 @@ def resolve_files(path: str | Path) -> list[Path]:
     return matches
 
 
-def _is_cleaned_output(p: Path) -> bool:
+def is_cleaned_output(p: Path) -> bool:
     """A directory `tunelab data clean` or `data dedup` wrote: its documents are the shards in data/."""
     from tunelab.outputs import read_marker
 
