@@ -174,8 +174,15 @@ def test_workers_give_the_same_output_as_one_process(tmp_path, corpus):
 
 
 def test_ray_engine_in_local_mode(tmp_path, corpus):
-    pytest.importorskip("ray")
-    r = run_clean([corpus], tmp_path / "ray", engine="ray", workers=2)
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # one local Ray
+    try:
+        r = run_clean([corpus], tmp_path / "ray", engine="ray", workers=2)
+        bad = write_jsonl(tmp_path / "bad.jsonl", docs(1), extra="{oops\n")
+        with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):  # a worker's error, as the user's
+            run_clean([bad], tmp_path / "ray-bad", engine="ray", on_error="stop")
+    finally:
+        ray.shutdown()
     run_clean([corpus], tmp_path / "local")
     assert r["documents_out"] == 18 and read_out(tmp_path / "ray") == read_out(tmp_path / "local")
 

@@ -10,7 +10,9 @@ shard, so the shards are read and written where Ray schedules them (`address`: a
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any
@@ -78,24 +80,25 @@ class Engine:
                               ) from None
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": self.address} if self.address else {"num_cpus": self.workers}
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kwargs)
+            for name in ("ray", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
             self._ray_started = True
 
     def _ray_map(self, fn: Callable[[Task], dict], tasks: list[Task]) -> Iterator[dict]:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ctx.enable_progress_bars = False  # tunelab draws its own bar, per shard
+        ctx.print_on_execution_start = False
+        ctx.enable_auto_log_stats = False
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-        concurrency = min(self.workers, len(tasks)) if self.address is None else None
-        try:
-            for row in ds.map(_RowFn(fn), concurrency=concurrency, num_cpus=1).iter_rows():
-                yield json.loads(row["result"])
-        except Exception as e:
-            cause = _tunelab_cause(e)
-            if cause is not None:
-                raise cause from None
-            raise
+        compute = ray.data.TaskPoolStrategy(size=min(self.workers, len(tasks))) if self.address is None else None
+        for row in ds.map(_RowFn(fn), compute=compute, num_cpus=1).iter_rows():
+            if row["error"]:
+                raise _error(*json.loads(row["error"]))
+            yield json.loads(row["result"])
 
 
 class _RowFn:
@@ -105,17 +108,19 @@ class _RowFn:
         self.fn = fn
 
     def __call__(self, row: dict) -> dict:
-        return {"result": json.dumps(self.fn(json.loads(row["task"])))}
+        from tunelab.errors import TunelabError
+
+        try:
+            return {"result": json.dumps(self.fn(json.loads(row["task"]))), "error": ""}
+        except TunelabError as e:  # a user's error travels back as data: one line on the driver, no Ray traceback
+            return {"result": "", "error": json.dumps([type(e).__module__, type(e).__name__, str(e)])}
 
 
-def _tunelab_cause(e: BaseException) -> BaseException | None:
-    """The TunelabError a Ray task raised, unwrapped from Ray's exception types (so the CLI prints one line)."""
+def _error(module: str, name: str, message: str) -> Exception:
+    """The TunelabError a shard task raised on a Ray worker, made again on the driver."""
+    import importlib
+
     from tunelab.errors import TunelabError
 
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, TunelabError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-        seen += 1
-    return None
+    cls = getattr(importlib.import_module(module), name, TunelabError)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, TunelabError) else TunelabError(message)
