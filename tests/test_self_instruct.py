@@ -359,3 +359,31 @@ def test_alpaca_seed_file_reads():
                                               "input": "Night : Day :: Right : Left",
                                               "output": "The relation between the given pairs is that they are "
                                                         "opposites."}
+
+
+def test_local_model_generator_is_seeded(base_model_dir, seed_file, tmp_path):
+    """The local generator end to end on the micro model: it never stops, so its one block is cut (truncated)."""
+    runs = []
+    for name in ("a", "b"):
+        cfg = SelfInstructConfig(seed_tasks=str(seed_file), out=str(tmp_path / f"{name}.jsonl"), num=1,
+                                 generator=str(base_model_dir), max_tokens=16, prompts_per_round=2, max_rounds=1,
+                                 list_length=8)
+        runs.append(run_self_instruct(cfg))
+    a, b = runs
+    assert a["status"] == "stopped: max_rounds" and a["requests"] == 2 and a["kept"] == 0
+    assert a["candidates"] == a["rejected"]["truncated"] == 2
+    assert a["examples"] == b["examples"]  # the same seed samples the same text
+
+
+def test_smollm2_writes_candidates(real_smollm2, tmp_path):
+    """SmolLM2-135M-Instruct as the local generator: one short greedy reply, counted candidate by candidate."""
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "alpaca_seed_tasks.jsonl"
+    if not path.is_file():
+        pytest.skip("../shared/data is absent")
+    cfg = SelfInstructConfig(seed_tasks=str(path), out=str(tmp_path / "t.jsonl"), num=5, generator=str(real_smollm2),
+                             max_tokens=24, temperature=0, prompts_per_round=1, prompt_seed_tasks=1,
+                             prompt_generated_tasks=0, list_length=3, max_rounds=1)
+    report = run_self_instruct(cfg)
+    assert report["requests"] == 1 and report["candidates"] >= 1
+    assert report["candidates"] == report["kept"] + sum(report["rejected"].values())
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == report["kept"]
