@@ -198,3 +198,35 @@ def test_stop_string_hold_back():
     assert _safe_prefix("hello", ["xyz"]) == 5
     assert _safe_prefix("ab\ufffd", []) == 2
     assert _safe_prefix("abc", ["cd", "bcx"]) == 1
+
+
+# What vLLM's LoRA loader requires of an adapter directory (read in vllm/lora/peft_helper.py, lora_model.py and
+# utils.py): adapter_config.json with r, lora_alpha and target_modules; bias "none"; no modules_to_save; no DoRA;
+# r at most --max-lora-rank (one of these values); adapter_model.safetensors whose keys are
+# base_model.model.<module>.lora_A.weight / .lora_B.weight, the module's last name one vLLM's Llama supports.
+VLLM_RANKS = {1, 8, 16, 32, 64, 128, 256, 320, 512}
+VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_adapter_files_meet_vllms_loader_rules(base_model_dir, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from tunelab.methods import LoRA, save_lora_adapter
+
+    model, tok = load_model(base_model_dir), load_tokenizer(base_model_dir)
+    method = LoRA(r=16, alpha=32, target_modules="all-linear")
+    method.inject(model)
+    d = save_lora_adapter(method, tmp_path / "a", str(base_model_dir), tok)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert {"r", "lora_alpha", "target_modules"} <= set(cfg)
+    assert cfg["bias"] == "none" and not cfg["modules_to_save"] and cfg["use_dora"] is False
+    assert any(v >= cfg["r"] for v in VLLM_RANKS)  # serve with --max-lora-rank at least r
+    with safe_open(str(d / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    for key in keys:
+        parts = key.split(".")
+        assert parts[:2] == ["base_model", "model"] and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B")
+        assert parts[-3] in VLLM_LLAMA_MODULES, key
+    assert len(keys) == 2 * len(method.layers)
