@@ -387,3 +387,13 @@ def test_smollm2_writes_candidates(real_smollm2, tmp_path):
     assert report["requests"] == 1 and report["candidates"] >= 1
     assert report["candidates"] == report["kept"] + sum(report["rejected"].values())
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == report["kept"]
+
+
+def test_concurrent_requests(fake, seed_file, tmp_path):
+    tasks = [GOOD_1, GOOD_2, "Name the planets of the solar system in order."]
+    server = fake([{"sleep": 0.2, "text": task(5, t)} for t in tasks])
+    report = run_self_instruct(config(seed_file, tmp_path / "t.jsonl", server.url, num=3, prompts_per_round=3,
+                                      workers=3))
+    assert report["rounds"] == 1 and report["kept"] == 3
+    kept = [json.loads(x)["instruction"] for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert sorted(kept) == sorted(tasks)

@@ -45,7 +45,7 @@ class EndpointGenerator:
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
                  retries: int = 3, max_tokens: int = 2048, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: list[str] | None = None):
+                 stop: list[str] | None = None, workers: int = 1):
         import openai
 
         self.url = base_url(url)
@@ -53,6 +53,7 @@ class EndpointGenerator:
                                     max_retries=retries)
         self.timeout, self.retries = timeout, retries
         self.max_tokens, self.temperature, self.top_p, self.stop = max_tokens, temperature, top_p, stop
+        self.workers = workers
         self.model = model or self._first_model()
 
     def describe(self) -> str:
@@ -91,7 +92,13 @@ class EndpointGenerator:
             raise GeneratorError(f"generator endpoint {self.url}: {what} failed ({type(e).__name__}: {e})") from None
 
     def __call__(self, prompts: list[str], seed: int = 0) -> list[Reply]:
-        return [self._complete(p, seed + i) for i, p in enumerate(prompts)]
+        """One reply per prompt, in prompt order; `workers` requests at a time (the client is thread-safe)."""
+        if self.workers <= 1:
+            return [self._complete(p, seed + i) for i, p in enumerate(prompts)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self._complete, prompts, [seed + i for i in range(len(prompts))]))
 
     def _complete(self, prompt: str, seed: int) -> Reply:
         extra = {"stop": self.stop} if self.stop else {}

@@ -82,6 +82,7 @@ class SelfInstructConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     timeout: float = Field(120.0, gt=0)  # seconds per endpoint request
     retries: int = Field(3, ge=0)  # endpoint retries on connection errors, timeouts, 429 and 5xx
+    workers: int = Field(1, ge=1)  # endpoint requests in flight at once (replies are used in prompt order)
     threshold: float = Field(0.7, ge=0, le=1)
     min_words: int = Field(4, ge=1)
     max_words: int = Field(150, ge=1)
@@ -383,7 +384,7 @@ def make_generator(cfg: SelfInstructConfig, api_key: str | None = None):
     if cfg.generator_url:
         return EndpointGenerator(cfg.generator_url, cfg.generator_model, api_key_from(api_key, cfg.api_key_env),
                                  timeout=cfg.timeout, retries=cfg.retries, max_tokens=cfg.max_tokens,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, stop=stop)
+                                 temperature=cfg.temperature, top_p=cfg.top_p, stop=stop, workers=cfg.workers)
     return LocalGenerator(cfg.generator, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           batch_size=cfg.prompts_per_round)
 
