@@ -262,3 +262,49 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, base_model_dir, to
     refused(capsys, ["vocab", "extend", tokenizer_dir, new_chars_corpus, "--add", "10", "--out", out, "--model"],
             "--model needs a model directory")
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+# -- training the new rows under LoRA ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which, train_embeddings", [("tied", "new"), ("tied", "all"), ("untied", "new")])
+def test_lora_trains_embedding_rows_peft_loads_them_and_export_merges(
+        which, train_embeddings, base_model_dir, untied_model_dir, new_chars_corpus, tmp_path, capsys):
+    from peft import PeftModel
+
+    from tunelab.methods import load_adapter
+
+    base = base_model_dir if which == "tied" else untied_model_dir
+    ext = tmp_path / "ext"
+    r = extend_vocab(base, [new_chars_corpus], 80, ext, model=True)
+    first, n = r["first_new_id"], r["vocab_size_after"]
+    run = ["finetune", f"model.base={ext}", f"data.train=[{new_chars_corpus}]", f"out_dir={tmp_path}", "name=ft",
+           "method.name=lora", "method.r=2", "method.target_modules=[q_proj,v_proj]",
+           f"method.train_embeddings={train_embeddings}", "train.steps=3", "train.micro_batch_size=2",
+           "train.lr=0.05", "train.warmup_steps=0", "data.eval_fraction=0", "data.max_len=64"]
+    assert main(run) == 0, capsys.readouterr().err
+    adapter = tmp_path / "ft" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    rows = AutoModelForCausalLM.from_pretrained(ext).get_input_embeddings().weight.shape[0]
+    span = list(range(first, n)) if train_embeddings == "new" else list(range(rows))
+    expected = span if which == "tied" else {"embed_tokens": span, "lm_head": span}
+    assert cfg["trainable_token_indices"] == expected
+    tok = AutoTokenizer.from_pretrained(ext)
+    x = torch.tensor([ids(tok, "我们是朋友，river 心理咨询")])
+    assert int(x.max()) >= first
+    plain = AutoModelForCausalLM.from_pretrained(ext)
+    with torch.no_grad():
+        before = plain(x).logits
+        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ext), adapter).eval()(x).logits
+        model = AutoModelForCausalLM.from_pretrained(ext)
+        load_adapter(model, adapter)
+        tunelab_logits = model.eval()(x).logits
+    assert (peft_logits - before).abs().max() > 1e-3  # the rows (and LoRA) trained
+    torch.testing.assert_close(tunelab_logits, peft_logits, atol=1e-4, rtol=1e-4)
+    merged = tmp_path / "merged"
+    assert main(["export", str(adapter), "--out", str(merged)]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged)(x).logits, peft_logits,
+                                   atol=1e-4, rtol=1e-4)
+    if which == "tied":
+        m = AutoModelForCausalLM.from_pretrained(merged)
+        assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()

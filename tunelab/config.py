@@ -132,6 +132,8 @@ class MethodSection(Section):
     target_modules: list[str] | str = "all-linear"
     init: Literal["kaiming", "gaussian"] = "kaiming"  # as PEFT's init_lora_weights=True / "gaussian"
     freeze_embeddings: bool = False  # full only: keep input embeddings (and a tied head) frozen
+    # lora only: also train embedding rows: new (the tokens `tunelab vocab extend --model` added), all, or none
+    train_embeddings: Literal["none", "new", "all"] = "none"
     dash_steps: int = Field(100, ge=1)  # lora-dash: optimizer steps of plain LoRA before the directions are chosen
     dash_directions: int = Field(8, ge=1)  # lora-dash: directions s trained per layer after the switch
     adapter_prompt_len: int = Field(10, ge=1)  # adapter: prompt tokens K per adapted layer

@@ -38,9 +38,12 @@ __all__ = ["Adapter", "AdaptionPromptAttention", "DoRA", "DoRALinear", "Full", "
 
 def build_method(cfg: MethodSection) -> Method:
     """The method a recipe's `method:` section describes (not yet injected into a model)."""
+    if cfg.train_embeddings != "none" and cfg.name != "lora":
+        raise ConfigError(f"method.train_embeddings={cfg.train_embeddings} applies to method lora only (full "
+                          f"fine-tuning trains the whole embedding already); remove it or use method.name=lora")
     if cfg.name == "lora":
         return LoRA(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
-                    target_modules=cfg.target_modules, init=cfg.init)
+                    target_modules=cfg.target_modules, init=cfg.init, train_embeddings=cfg.train_embeddings)
     if cfg.name == "full":
         return Full(freeze_embeddings=cfg.freeze_embeddings)
     if cfg.name == "lora-dash":

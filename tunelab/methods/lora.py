@@ -8,6 +8,7 @@ ends with "." + it; one full-match regex over the whole module name; or "all-lin
 the output head), `exclude_modules`, per-module rank / alpha (`rank_pattern` / `alpha_pattern`, PEFT's rule),
 init as PEFT's `init_lora_weights=True` (kaiming-uniform A, B = 0) or `"gaussian"` (A ~ N(0, (1/r)²), B = 0),
 fp32 weights or bf16 autocast. The LoRA weights take the dtype and device of the layer they adapt.
+`train_embeddings` (new|all) also trains embedding rows (`token_rows.py`: PEFT's `trainable_token_indices`).
 Not supported (yet): DoRA, LoRA on embeddings / Conv1D / quantised layers, trainable biases, a tied output
 head as a target, several adapters on one model. PEFT adapter files: see `peft_io.py`.
 """
@@ -23,6 +24,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError, ModelError
 from tunelab.methods.base import Method, WrappedLinear, put_back, set_submodule
+from tunelab.methods.token_rows import DELTA, TokenRows, token_range
 
 
 class LoRALinear(WrappedLinear):
@@ -100,7 +102,8 @@ class LoRA(Method):
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
                  target_modules: list[str] | str = "all-linear", init: str = "kaiming",
                  rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
-                 exclude_modules: list[str] | str | None = None):
+                 exclude_modules: list[str] | str | None = None, train_embeddings: str = "none",
+                 token_rows: tuple[int, int] | None = None):
         _check_hparams(r, alpha, dropout)
         if init not in ("kaiming", "gaussian"):
             raise ConfigError(f"method.init: unknown LoRA init {init!r}; use kaiming or gaussian")
@@ -120,6 +123,9 @@ class LoRA(Method):
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
         self.exclude_modules = exclude_modules
+        # embedding rows trained too (token_rows.py): `train_embeddings` none|new|all, or the rows an adapter saved
+        self.train_embeddings, self.token_rows = train_embeddings, token_rows
+        self.rows: TokenRows | None = None
         self.model: nn.Module | None = None
         self.layers: dict[str, LoRALinear] = {}  # HF module path -> its LoRA wrapper, in model order
         self.merged = False
@@ -183,6 +189,10 @@ class LoRA(Method):
             layer.reset_lora_parameters(self.init)
             set_submodule(model, name, layer)
             self.layers[name] = layer
+        span = self.token_rows or token_range(model, self.train_embeddings)
+        if span is not None:
+            self.rows = TokenRows(*span)
+            self.rows.inject(model)
         self.model = model
 
     def new_layer(self, base_layer: nn.Linear, r: int, alpha: float) -> LoRALinear:
@@ -192,8 +202,9 @@ class LoRA(Method):
     # --- training ------------------------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """lora_A and lora_B weights of every adapted layer, in model order."""
-        return [p for layer in self.layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        """lora_A and lora_B weights of every adapted layer, in model order (then any trainable token rows)."""
+        rows = self.rows.parameters() if self.rows else []
+        return [p for layer in self.layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)] + rows
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`<module path>.lora_A.weight` / `.lora_B.weight` for every adapted layer (tensors, not copies)."""
@@ -201,13 +212,16 @@ class LoRA(Method):
         for name, layer in self.layers.items():
             sd[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
             sd[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
-        return sd
+        return sd | (self.rows.state_dict() if self.rows else {})
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Copy A/B weights in; an unknown key, a wrong shape or a missing key is a ModelError naming the module."""
         self._require_model()
         if self.merged:
             raise ModelError("the LoRA weights are merged into the model; unmerge() before loading new ones")
+        if self.rows:
+            self.rows.load_state_dict({k: v for k, v in sd.items() if k.endswith(DELTA)})
+        sd = {k: v for k, v in sd.items() if not (self.rows and k.endswith(DELTA))}
         expected = {}
         for name, layer in self.layers.items():
             expected[f"{name}.lora_A.weight"] = (name, layer, layer.lora_A.weight)
@@ -264,13 +278,17 @@ class LoRA(Method):
         """Merge, put the plain `nn.Linear` layers back, restore requires_grad, and return the model."""
         self._require_model()
         self.merge()
+        if self.rows:
+            self.rows.unload(self.model)
         return self.remove()
 
     def remove(self) -> nn.Module:
         """Take the LoRA layers out without merging (an unmerged model becomes the base again); return it."""
+        if self.rows:
+            self.rows.remove(self._require_model())
         model = put_back(self._require_model(), {n: layer.base_layer for n, layer in self.layers.items()},
                          self._requires_grad)
-        self.model, self.layers, self.merged = None, {}, False
+        self.model, self.layers, self.merged, self.rows = None, {}, False, None
         return model
 
     # --- saving --------------------------------------------------------------------------------------------------

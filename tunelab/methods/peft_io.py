@@ -9,8 +9,9 @@ alpha_pattern, target_modules (list, regex or "all-linear") and exclude_modules;
 adapter_model.safetensors (or the pickle fallback adapter_model.bin, read with weights_only=True), with or
 without the `base_model.model.` prefix. Every targeted module must have both tensors (never silently zero).
 DoRA (`use_dora: true`, with a `...lora_magnitude_vector` tensor per module) is written and read too (`dora.py`).
+Trainable token rows (`trainable_token_indices`, one contiguous range; `token_rows.py`) are written and read.
 Refused as "not supported yet": other peft types, LoRA bias / bias != "none", modules_to_save, embedding
-LoRA, layers_to_transform, layer_replication, target_parameters, trainable tokens, and inits that change the
+LoRA, layers_to_transform, layer_replication, target_parameters, and inits that change the
 base weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA). Adapters saved under a non-default adapter name
 (a sub-folder) are not looked for: pass the sub-folder itself.
 """
@@ -29,6 +30,7 @@ from tunelab.errors import ConfigError, ModelError
 from tunelab.methods.base import CONFIG_NAME, WEIGHTS_NAME, write_adapter_dir
 from tunelab.methods.dora import MAGNITUDE, DoRA
 from tunelab.methods.lora import LoRA
+from tunelab.methods.token_rows import DELTA
 
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -40,7 +42,6 @@ _UNSUPPORTED = {
     "layers_to_transform": "layers_to_transform (LoRA on some layer indices only)",
     "layer_replication": "layer_replication",
     "target_parameters": "target_parameters (LoRA on raw parameters)",
-    "trainable_token_indices": "trainable_token_indices (trainable tokens)",
     "use_qalora": "QA-LoRA (use_qalora: true)",
     "use_bdlora": "BD-LoRA (use_bdlora: true)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
@@ -93,7 +94,8 @@ def save_lora_adapter(method: LoRA, out_dir: str | Path, base_model_path: str | 
         "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
         "init_lora_weights": True if method.init == "kaiming" else "gaussian",
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
-    } | config_updates
+    } | ({"trainable_token_indices": method.rows.peft_indices()} if getattr(method, "rows", None) else {}) \
+        | config_updates
     tensors = {PREFIX + k: v for k, v in (method.state_dict() if tensors is None else tensors).items()}
     return write_adapter_dir(out_dir, config, tensors, tokenizer)
 
@@ -163,9 +165,26 @@ def _lora_settings(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         if not isinstance(cfg.get(key) or {}, dict):
             raise ModelError(f"{where}: {key} must be a mapping of module pattern -> value, found {cfg[key]!r}")
     return dict(r=r, alpha=alpha, dropout=dropout, rslora=bool(cfg.get("use_rslora", False)),
+                token_rows=_token_rows(cfg.get("trainable_token_indices"), where),
                 target_modules=targets, init="gaussian" if init == "gaussian" else "kaiming",
                 rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
                 exclude_modules=cfg.get("exclude_modules") or None)
+
+
+def _token_rows(indices: Any, where: Path) -> tuple[int, int] | None:
+    """`trainable_token_indices` as the row range [first, end) tunelab trains (one contiguous range, the same for
+    the embedding and an untied head), or None."""
+    if indices is None:
+        return None
+    lists = list(indices.values()) if isinstance(indices, dict) else [indices]
+    ids = lists[0] if lists else None
+    if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise ModelError(f"{where}: trainable_token_indices {indices!r} is not a list of token ids")
+    if any(x != ids for x in lists) or ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ModelError(f"{where}: trainable_token_indices other than one contiguous range of ids (the same for "
+                         f"every module) are not supported yet; tunelab trains the rows of the tokens "
+                         f"`tunelab vocab extend` appended (or every row)")
+    return ids[0], ids[0] + len(ids)
 
 
 def _number(x: float) -> int | float:
@@ -202,7 +221,7 @@ def _read_weights(d: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def _check_tensor_kind(key: str, path: Path, dora: bool = False) -> None:
     """ModelError naming `key` when it is not a plain lora_A / lora_B weight (or, for DoRA, a magnitude)."""
-    if key.endswith((".lora_A.weight", ".lora_B.weight")) or (dora and key.endswith("." + MAGNITUDE)):
+    if key.endswith((".lora_A.weight", ".lora_B.weight", "." + DELTA)) or (dora and key.endswith("." + MAGNITUDE)):
         return
     if key.endswith(".lora_B.bias"):
         what = "a LoRA bias (lora_bias)"

@@ -115,6 +115,8 @@ def resize_model_dir(base: str | Path, base_tok, new_tok, directory: Path, init:
     for name, t in samples.items():
         loss[name]["resized_base_ids"] = bits_per_byte(model, base_tok, t)
         loss[name]["resized"] = bits_per_byte(model, new_tok, t)
+    from tunelab.methods.token_rows import EXTENSION_KEY
+    setattr(model.config, EXTENSION_KEY, {"first_new_id": n_base, "vocab_size": n_new})  # for train_embeddings=new
     write_model_files(model, None, directory)
     return {"rows_before": rows, "rows_after": model.get_input_embeddings().weight.shape[0], "tied": tied,
             "init": init, "config_vocab_size": model.config.vocab_size, "loss": loss,
