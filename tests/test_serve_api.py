@@ -207,6 +207,12 @@ def test_completions_stop_strings_and_usage(client):
     assert two.choices[0].text == client.completions.create(model="carol", prompt="meadow", max_tokens=4,
                                                             temperature=0).choices[0].text
     assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(model="alice", messages=[{"role": "user", "content": "hello"}],
+                                                 max_tokens=3, temperature=0, n=2, stream=True))
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in (0, 1)]
+    assert texts[0] == texts[1] == client.chat.completions.create(
+        model="alice", messages=[{"role": "user", "content": "hello"}], max_tokens=3,
+        temperature=0).choices[0].message.content
 
 
 def test_raw_stream_is_sse_ending_with_done(server):

@@ -59,7 +59,7 @@ class AdapterInfo:
     chat_stop_ids: list[int]
     rank: int
     dora: bool
-    key: tuple[str, int]  # (name, registration number): a reload under the same name is another adapter
+    key: tuple  # (name, resolved path, the files' mtimes): changed files under the same name are another adapter
 
 
 def check_name(name: object, param: str = "model") -> str:
@@ -156,7 +156,6 @@ class AdapterRegistry:
         self.registered: dict[str, Path] = {}
         self.infos: OrderedDict[str, AdapterInfo] = OrderedDict()
         self.keep = keep
-        self._count = 0
         self._lock = threading.RLock()
         self.on_unload = lambda info: None  # the engine frees the adapter's bank slot
         for name, path in (adapters or {}).items():
@@ -249,11 +248,9 @@ class AdapterRegistry:
         weights = read_lora_weights(path, self.model)
         template, stops = self._chat_template(path)
         cfg = read_adapter_config(path)
-        with self._lock:
-            self._count += 1
-            count = self._count
+        stamp = tuple(p.stat().st_mtime_ns for p in sorted(Path(path).glob("adapter_*")))
         return AdapterInfo(name=name, path=path, template=template, chat_stop_ids=stops, rank=weights.rank,
-                           dora=cfg.get("use_dora") is True, key=(name, count))
+                           dora=cfg.get("use_dora") is True, key=(name, str(Path(path).resolve()), stamp))
 
     def _chat_template(self, path: Path) -> tuple[str, list[int]]:
         if not (path / "tokenizer_config.json").is_file():
