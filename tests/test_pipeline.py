@@ -132,7 +132,8 @@ FT = {"run": "finetune", "data": {"train": ["x.jsonl"]}}
     ({"a": {**FT, "model": "b"}, "b": {**FT, "model": "a"}}, ["stages.a", "cycle", "a -> b -> a"]),
     ({"a": {**FT, "model": "a"}}, ["stages.a", "itself"]),
     ({"a": {"run": "distill"}}, ["stages.a.run", "unknown command 'distill'", "finetune"]),
-    ({"a": {"run": "data self-instruct"}}, ["stages.a.run", "not wired into the pipeline yet"]),
+    ({"a": {"run": "data self-instruct", "seed_tasks": "s.jsonl", "num": 2, "out": "x.jsonl"}},
+     ["stages.a.out", "set by the pipeline"]),
     ({"a": {**FT, "method": {"name": "adapter"}}, "b": dict(FT)}, ["stages.b", "cannot be merged"]),
     ({"a": {**FT, "train": {"stpes": 3}}}, ["stages.a", "train.stpes", "did you mean"]),
     ({"a": {**FT, "target": "x"}}, ["stages.a.target", "no eval: suite"]),
@@ -263,3 +264,22 @@ def test_clean_dedup_and_vocab_extend_stages_feed_the_next_ones(tmp_path, base_m
     assert pcfg.model.base == str(out / "vocab" / "model")  # pretraining continues the extended model
     vocab = json.loads((out / "vocab" / "model" / "vocab_report.json").read_text())
     assert vocab["vocab_size_after"] > vocab["vocab_size_before"]
+
+
+def test_self_instruct_stage_generates_with_the_previous_stages_model(tmp_path, base_model_dir):
+    from tunelab.pipeline import PipelineConfig, run_pipeline
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"s{i}", "name": f"t{i}", "instruction": f"Name a colour number {i}.",
+                                         "instances": [{"input": "", "output": "red"}], "is_classification": False})
+                             + "\n" for i in range(4)))
+    cfg = PipelineConfig(name="p", out_dir=str(tmp_path / "runs"), base=str(base_model_dir), stages={
+        "gen": {"run": "data self-instruct", "seed_tasks": str(seeds), "num": 2, "max_rounds": 1,
+                "prompts_per_round": 1, "max_tokens": 16, "prompt_seed_tasks": 2, "prompt_generated_tasks": 0}})
+    report = run_pipeline(cfg, log=lambda line: None)
+    out = tmp_path / "runs" / "p" / "gen"
+    assert report["stages"][0]["status"] == "ran" and (out / "tasks.jsonl").is_file()
+    si = json.loads((out / "tasks.report.json").read_text())
+    assert si["rounds"] == si["requests"] == 1 and si["status"] == "stopped: max_rounds"  # the base model asked once
+    assert json.loads((tmp_path / "runs" / "p" / "state.json").read_text())["stages"]["gen"]["summary"]["path"] \
+        == str(out / "tasks.jsonl")

@@ -61,7 +61,6 @@ REF = "stage:"
 PIPELINE_KEYS = ("run", "model", "target")  # a stage's keys that are the pipeline's, not its command's
 # settings that change nothing a stage computes (as a resume ignores them)
 FREE_KEYS = {"train": ("log_every", "save_every", "keep_checkpoints", "resume", "resume_force", "distributed")}
-NOT_WIRED = ("data self-instruct",)  # commands still to join STAGES
 
 
 class PipelineError(TunelabError):
@@ -172,8 +171,7 @@ def _check_graph(cfg: PipelineConfig, source: str) -> dict[str, list[str]]:
             raise ConfigError(f"{where}: {BASE_EVAL!r} is the name of the base model's evaluation; rename the stage")
         run = raw.get("run")
         if run not in STAGES:
-            why = (f"`{run}` is not wired into the pipeline yet" if run in NOT_WIRED else
-                   f"unknown command {run!r}" if run is not None else "no run: key")
+            why = f"unknown command {run!r}" if run is not None else "no run: key"
             raise ConfigError(f"{where}.run: {why}; use one of {', '.join(STAGES)}")
         refs = _refs_in({k: v for k, v in raw.items() if k != "model"})
         model = raw.get("model")
@@ -280,7 +278,7 @@ def _model_input(s: Stage, model: Any, by_name: dict[str, Stage], last_model: st
         s.model_stage = last_model
     elif base is not None:
         s.model_path = base
-    elif not s.kind.model_section:
+    elif not (s.kind.model_section or s.kind.model_optional):
         raise ConfigError(f"{s.where}: no model to start from: no earlier stage makes one and the recipe has no "
                           f"base:; set base: (a model directory) or model: on the stage")
 
@@ -490,6 +488,34 @@ def _run_vocab(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) -
     return {k: r[k] for k in ("added", "vocab_size_before", "vocab_size_after", "held_out", "wall_s") if k in r}
 
 
+def _build_self_instruct(s: Stage, by_name: dict[str, Stage], cfg: PipelineConfig) -> Any:
+    from tunelab.data.self_instruct import SelfInstructConfig
+
+    settings = _resolve(s.settings, by_name)
+    for key in ("out", "report", "generator"):
+        if key in settings:
+            raise ConfigError(f"{s.where}.{key}: set by the pipeline (the output is {s.dir / 'tasks.jsonl'}; the "
+                              f"generator is the stage's model:, or generator_url); remove it")
+    if "seed" in settings:
+        raise ConfigError(f"{s.where}.seed: the pipeline's seed is used; remove it")
+    model = None if settings.get("generator_url") else _model_of(s, by_name, as_base=False)
+    return validate(SelfInstructConfig, {**settings, "out": str(s.dir / "tasks.jsonl"), "generator": model,
+                                         "seed": cfg.seed}, source=s.where)
+
+
+def _run_self_instruct(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    import os
+
+    from tunelab.data.self_instruct import format_summary, run_self_instruct
+
+    s.dir.mkdir(parents=True, exist_ok=True)
+    key = os.environ.get(s.cfg.api_key_env) if s.cfg.api_key_env else None
+    r = run_self_instruct(s.cfg, api_key=key, log=log)
+    for line in format_summary(r):
+        log(line)
+    return {"kept": r.get("kept"), "status": r.get("status"), "path": s.cfg.out}
+
+
 CLEAN_KEYS = ("from", "workers", "on_error")  # a data clean / dedup stage's own keys; the rest is the recipe
 
 
@@ -533,6 +559,7 @@ class Kind:
     takes_model: bool = False
     model_section: bool = False  # `model:` may be a section (pretrain from a preset)
     wants_base: bool = False  # its model input is a whole model (an earlier adapter is merged for it)
+    model_optional: bool = False  # it may run without a model (self-instruct with generator_url)
     merge_needed: Callable[[Stage], bool] = lambda s: False  # its output must be merged to be trained on
     mergeable: Callable[[Stage], bool] = lambda s: True
 
@@ -567,6 +594,9 @@ STAGES: dict[str, Kind] = {
                        lambda s: {"data": s.cfg[0]}),
     "data dedup": Kind(_build_clean("DedupConfig"), _run_clean, lambda s: s.dir / "data",
                        lambda s: {"data": s.cfg[0]}),
+    "data self-instruct": Kind(_build_self_instruct, _run_self_instruct, lambda s: s.dir / "tasks.jsonl",
+                               lambda s: {"seed tasks": s.cfg.seed_tasks, "generator model": s.cfg.generator},
+                               takes_model=True, model_optional=True),
     "tokenizer train": Kind(_build_tokenizer, _run_tokenizer, lambda s: s.dir / "tokenizer",
                             lambda s: {"corpus": s.cfg.files}),
     "data select": Kind(_build_select, _run_select, lambda s: s.dir / "data.jsonl", lambda s: {"data": s.cfg.paths}),
