@@ -4,6 +4,7 @@ examples unpadded one by one, exact resume, and clear errors."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_document_mask_restarts_positions_at_each_document_and_equals_documents_
 def packing_recipe(tmp_path, base_model_dir, chat_file, **train):
     return {"name": "run", "out_dir": str(tmp_path), "seed": 3, "model": {"base": str(base_model_dir)},
             "data": {"train": [str(chat_file)], "eval_fraction": 0.05, "max_len": 256, "packing": True},
-            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG must resume too
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},  # no dropout: 2 processes draw their own
             "train": {"steps": 4, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 2,
                       "eval_every": 0, "save_every": 2, "log_every": 5, **train}}
 
@@ -147,14 +148,21 @@ def step_losses(run_dir) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"}
 
 
-def test_packed_finetune_trains_and_resumes_exactly(tmp_path, base_model_dir, chat_file, monkeypatch):
+@pytest.fixture(scope="module")
+def packed_reference(tmp_path_factory, base_model_dir, chat_file):
+    tmp = tmp_path_factory.mktemp("packed")
+    return run_finetune(validate(FinetuneConfig, packing_recipe(tmp, base_model_dir, chat_file)), device="cpu")
+
+
+def test_packed_finetune_trains_and_resumes_exactly(tmp_path, base_model_dir, chat_file, monkeypatch,
+                                                    packed_reference):
     cfg = validate(FinetuneConfig, packing_recipe(tmp_path / "ref", base_model_dir, chat_file))
     tok = load_tokenizer(base_model_dir)
     data = prepare_sft_data(cfg, tok)
     assert data.rows is not None and len(data.rows) < len(data.train) / 3  # short chats: several to a row
-    reference = run_finetune(cfg, device="cpu")
-    want = step_losses(tmp_path / "ref" / "run")
-    lint = json.loads((tmp_path / "ref" / "run" / "lint.json").read_text())
+    reference = packed_reference
+    want = step_losses(Path(reference["run_dir"]))
+    lint = json.loads((Path(reference["run_dir"]) / "lint.json").read_text())
     assert lint["packing"]["rows"] == len(data.rows) and lint["packing"]["fill"] > 0.8
     assert reference["train_loss_last"] < reference["train_loss_first"]
 
@@ -181,6 +189,16 @@ def test_packed_finetune_trains_and_resumes_exactly(tmp_path, base_model_dir, ch
     assert "rows_seen" in json.dumps(state)  # the data position counts packed rows
 
 
+def test_two_processes_train_packed_rows_as_one(tmp_path, base_model_dir, chat_file, packed_reference):
+    from test_distributed import torchrun
+
+    raw = packing_recipe(tmp_path, base_model_dir, chat_file, distributed="fsdp", save_every=0)
+    proc = torchrun(tmp_path, raw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = step_losses(Path(packed_reference["run_dir"])), step_losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 5)) and max(abs(got[s] - want[s]) for s in want) <= 1e-5
+
+
 def test_packing_with_an_example_cut_to_nothing_is_one_clear_line(tmp_path, base_model_dir):
     data = tmp_path / "d.jsonl"
     rows = [{"messages": [{"role": "user", "content": "colour of river?"}, {"role": "assistant", "content": "red"}]}]
@@ -196,13 +214,11 @@ def test_packing_with_an_example_cut_to_nothing_is_one_clear_line(tmp_path, base
     assert not (tmp_path / "runs" / "p" / "adapter").exists()
 
 
-def test_document_masked_pretraining_runs_and_changes_the_loss(tmp_path, corpus_file, tokenizer_dir):
-    def recipe(name, mask):
-        return validate(PretrainConfig, {
-            "name": name, "out_dir": str(tmp_path), "model": {"preset": "micro", "tokenizer": str(tokenizer_dir)},
-            "data": {"sources": [{"path": str(corpus_file)}], "seq_len": 32, "document_mask": mask,
-                     "eval_fraction": 0.05},
-            "train": {"steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "eval_every": 0}})
-    plain, masked = run_pretrain(recipe("plain", False), device="cpu"), run_pretrain(recipe("mask", True), device="cpu")
-    assert masked["tokens"] < plain["tokens"]  # each document's first token is no longer trained
-    assert masked["eval_before"]["eval_loss"] != pytest.approx(plain["eval_before"]["eval_loss"], abs=1e-4)
+def test_document_masked_pretraining_trains_fewer_positions(tmp_path, corpus_file, tokenizer_dir):
+    cfg = validate(PretrainConfig, {
+        "name": "mask", "out_dir": str(tmp_path), "model": {"preset": "micro", "tokenizer": str(tokenizer_dir)},
+        "data": {"sources": [{"path": str(corpus_file)}], "seq_len": 32, "document_mask": True, "eval_fraction": 0.05},
+        "train": {"steps": 2, "micro_batch_size": 2, "warmup_steps": 1, "eval_every": 0}})
+    masked = run_pretrain(cfg, device="cpu")
+    assert masked["tokens"] < 2 * 2 * 31  # unmasked: 31 loss positions a block; each document's first is not trained
+    assert masked["eval_after"]["eval_loss"] < masked["eval_before"]["eval_loss"]
