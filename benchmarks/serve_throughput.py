@@ -10,7 +10,8 @@ All three contenders run in fp32 on the same machine, one after the other:
 
 - tunelab serve: `tunelab serve MODEL --adapters-dir DIR --max-loaded 32 --max-batch N` in its own process; the
   client (the official `openai` AsyncOpenAI, streaming, in this process) sends all N requests at once; every
-  adapter is warm (one request each first). TTFT is the first streamed text, latency the last chunk.
+  adapter is warm (one request each first, and one untimed round of the first workload). TTFT is the first
+  streamed text, latency the last chunk.
 - PEFT sequential: one PeftModel with the K adapters loaded; the requests are answered one at a time in arrival
   order, `set_adapter(name)` then `generate` (S-LoRA's PEFT baseline, without its per-adapter batching).
 - PEFT mixed batch: the same PeftModel; all N requests in one left-padded `generate(adapter_names=[...])` (static
@@ -222,6 +223,7 @@ def main() -> None:
     rows, replies = [], {}
     proc, port = start_server(model_dir, adapters_dir, args.n)
     try:
+        asyncio.run(run_server(port, workloads[args.k[0]], args.tokens))  # warm-up round, not timed
         for k, jobs in workloads.items():
             row, replies[k] = asyncio.run(run_server(port, jobs, args.tokens))
             rows.append({"k": k, **row})
