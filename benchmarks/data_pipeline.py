@@ -90,9 +90,9 @@ def synthetic(n: int, seed: int = 0) -> tuple[list[dict], list]:
     originals = []
     for i in range(int(n * 0.7)):
         if i % 2:
-            originals.append(("".join(rng.choices(hanzi, hw, k=rng.randint(200, 400))), True))
+            originals.append(("".join(rng.choices(hanzi, hw, k=rng.randint(100, 240))), True))
         else:
-            originals.append((" ".join(rng.choices(words, ww, k=rng.randint(120, 260))), False))
+            originals.append((" ".join(rng.choices(words, ww, k=rng.randint(60, 160))), False))
     return plant(originals, n, rng, vocab)
 
 
@@ -309,6 +309,9 @@ def dedup_table(name: str, docs: list[dict], planted: list, root: Path, args: ar
     for m in methods:
         print(f"[{name}] {m} on {len(docs):,} documents ...", flush=True)
         runs[m] = measure(m, folder, work, args)
+        r = runs[m]
+        print(f"[{name}] {m}: removed {len(r['result']):,} in {r['wall_s']:.1f}s "
+              f"({len(docs) / r['wall_s']:,.0f} docs/s), peak {r['peak_mb']:,.0f} MB", flush=True)
     dup = truth(docs, planted, {m: r["result"] for m, r in runs.items()}, partners_of(work, folder), args.threshold)
     rows = []
     for m, r in runs.items():
@@ -338,6 +341,7 @@ def clean_scaling(docs: list[dict], root: Path, sizes: list[int], args: argparse
         r = measure("clean", folder, work, args)
         rows.append({"documents": n, "docs_per_s": n / r["wall_s"], "peak_mb": r["peak_mb"],
                      "kept": r["result"]["documents_out"]})
+        print(f"[clean] {n:,}: {n / r['wall_s']:,.0f} docs/s, peak {r['peak_mb']:,.0f} MB", flush=True)
     return rows
 
 
@@ -348,11 +352,11 @@ def print_tables(rows: list[dict], clean_rows: list[dict]) -> None:
     for r in rows:
         same = {x["method"]: x for x in rows if x["corpus"] == r["corpus"]}
         ds, dt = same["datasketch"], same.get("datatrove")
+        vs_dt = f"{r['docs_per_s'] / dt['docs_per_s']:.2f}" if dt else "-"
         print(f"| {r['corpus']} | {r['method']} | {r['documents']:,} | {r['duplicates']:,} | {r['removed']:,} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['docs_per_s']:,.0f} | "
-              f"{r['docs_per_s'] / ds['docs_per_s']:.2f} | "
-              f"{r['docs_per_s'] / dt['docs_per_s']:.2f} | " if dt else "- | ", end="")
-        print(f"{r['peak_mb']:,.0f} | {r['peak_mb'] / ds['peak_mb']:.2f} |")
+              f"{r['docs_per_s'] / ds['docs_per_s']:.2f} | {vs_dt} | {r['peak_mb']:,.0f} | "
+              f"{r['peak_mb'] / ds['peak_mb']:.2f} |")
     if clean_rows:
         print("\n| data clean: documents | docs/s | peak MB | x smallest |")
         print("|---|---|---|---|")
@@ -366,7 +370,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100_000, help="synthetic documents (default 100000)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--num-perm", type=int, default=128)
-    ap.add_argument("--clean-sizes", default="2000,8000,32000", help="slices of the corpus data clean runs on")
+    ap.add_argument("--clean-sizes", default="1000,4000,16000", help="slices of the corpus data clean runs on")
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--out", help="keep the corpora and results here (default: a temporary directory)")
     ap.add_argument("--child"), ap.add_argument("--folder"), ap.add_argument("--work"), ap.add_argument("--result")
@@ -378,7 +382,9 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     start = time.time()
     docs, planted = synthetic(args.docs)
+    print(f"corpus of {len(docs):,} documents generated in {time.time() - start:.0f}s", flush=True)
     rows = dedup_table("synthetic", docs, planted, root, args)
+    print_tables(rows, [])
     real = cpsycound()
     if real is not None:
         rows += dedup_table("cpsycound", *real, root, args)
