@@ -308,3 +308,43 @@ def test_lora_trains_embedding_rows_peft_loads_them_and_export_merges(
     if which == "tied":
         m = AutoModelForCausalLM.from_pretrained(merged)
         assert m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_tokens_method_trains_only_the_new_rows_and_peft_loads_it(which, base_model_dir, untied_model_dir,
+                                                                    new_chars_corpus, tmp_path, capsys):
+    """Chinese-LLaMA's stage 1: only the new rows train; saved as a PEFT TRAINABLE_TOKENS adapter."""
+    from peft import PeftModel
+
+    from tunelab.methods import load_adapter
+
+    ext = tmp_path / "ext"
+    r = extend_vocab(base_model_dir if which == "tied" else untied_model_dir, [new_chars_corpus], 40, ext,
+                     model=True)
+    first = r["first_new_id"]
+    run = ["finetune", f"model.base={ext}", f"data.train=[{new_chars_corpus}]", f"out_dir={tmp_path}", "name=ft",
+           "method.name=tokens", "train.steps=3", "train.micro_batch_size=2", "train.lr=0.05",
+           "train.warmup_steps=0", "data.eval_fraction=0", "data.max_len=64"]
+    assert main(run) == 0, capsys.readouterr().err
+    adapter = tmp_path / "ft" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "TRAINABLE_TOKENS" and cfg["token_indices"] == list(range(first, first + 40))
+    tok = AutoTokenizer.from_pretrained(ext)
+    x = torch.tensor([ids(tok, "我们是朋友，river 心理咨询")])
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(ext)(x).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ext), adapter).eval()
+        peft_logits = peft_model(x).logits
+        model = AutoModelForCausalLM.from_pretrained(ext)
+        load_adapter(model, adapter)
+        torch.testing.assert_close(model.eval()(x).logits, peft_logits, atol=1e-5, rtol=1e-5)
+    assert (peft_logits - before).abs().max() > 1e-3
+    merged = tmp_path / "merged"
+    assert main(["export", str(adapter), "--out", str(merged)]) == 0
+    m, base = AutoModelForCausalLM.from_pretrained(merged), AutoModelForCausalLM.from_pretrained(ext)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, peft_logits, atol=1e-5, rtol=1e-5)
+    changed = [n for n, p in m.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert set(changed) <= {"model.embed_tokens.weight", "lm_head.weight"}
+    w, w0 = m.get_input_embeddings().weight, base.get_input_embeddings().weight
+    assert torch.equal(w[:first], w0[:first]) and not torch.equal(w[first:], w0[first:])

@@ -122,7 +122,7 @@ class MethodSection(Section):
     `lora-dash` (LoRA, then s task-specific directions), `dora` (LoRA + magnitudes), `adapter` (LLaMA-Adapter) or
     `qtha` (MPO + simulated quantum circuit branch; `dropout` and `target_modules` apply to it too)."""
 
-    name: Literal["lora", "full", "lora-dash", "dora", "adapter", "qtha"] = "lora"
+    name: Literal["lora", "full", "lora-dash", "dora", "adapter", "qtha", "tokens"] = "lora"
     r: int = Field(8, ge=1)  # LoRA rank
     alpha: float = Field(16.0, gt=0)  # scaling = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = Field(0.05, ge=0, lt=1)  # on the input of the LoRA branch only
@@ -132,7 +132,8 @@ class MethodSection(Section):
     target_modules: list[str] | str = "all-linear"
     init: Literal["kaiming", "gaussian"] = "kaiming"  # as PEFT's init_lora_weights=True / "gaussian"
     freeze_embeddings: bool = False  # full only: keep input embeddings (and a tied head) frozen
-    # lora only: also train embedding rows: new (the tokens `tunelab vocab extend --model` added), all, or none
+    # lora: also train embedding rows: new (the tokens `tunelab vocab extend --model` added), all, or none;
+    # tokens (only those rows train, Chinese-LLaMA's stage 1): new (its default) or all
     train_embeddings: Literal["none", "new", "all"] = "none"
     dash_steps: int = Field(100, ge=1)  # lora-dash: optimizer steps of plain LoRA before the directions are chosen
     dash_directions: int = Field(8, ge=1)  # lora-dash: directions s trained per layer after the switch

@@ -2,9 +2,10 @@
 
 Implemented: `lora` (LoRA / rsLoRA on linear layers, `lora.py`), `full` (every weight, `full.py`), `lora-dash`
 (LoRA, then trained task-specific directions, `lora_dash.py`), `dora` (magnitude and direction, `dora.py`) and
-`adapter` (LLaMA-Adapter's gated adaption prompts, `adapter.py`) and `qtha` (an MPO + simulated quantum circuit branch,
-`qtha.py` with `tensor_train.py` and `quantum.py`). LoRA, DoRA and LoRA-Dash adapters are written in the HF PEFT
-format (`peft_io.py`; LoRA-Dash as the equivalent rank-(r+s) LoRA); LLaMA-Adapter and QTHA have their own formats.
+`adapter` (LLaMA-Adapter's gated adaption prompts, `adapter.py`), `tokens` (embedding rows only, `tokens.py`)
+and `qtha` (an MPO + simulated quantum circuit branch, `qtha.py` with `tensor_train.py` and `quantum.py`). LoRA,
+DoRA and LoRA-Dash adapters are written in the HF PEFT format (`peft_io.py`; LoRA-Dash as the equivalent
+rank-(r+s) LoRA), trainable tokens as PEFT TRAINABLE_TOKENS; LLaMA-Adapter and QTHA have their own formats.
 This package never imports `tunelab.train` or `tunelab.cli`.
 """
 
@@ -27,20 +28,24 @@ from tunelab.methods.peft_io import is_adapter_dir, load_lora_adapter, read_adap
 from tunelab.methods.qtha import PEFT_TYPE as QTHA_TYPE
 from tunelab.methods.qtha import QTHA, QTHALinear
 from tunelab.methods.qtha import load_adapter_dir as load_qtha_dir
+from tunelab.methods.tokens import PEFT_TYPE as TOKENS_TYPE
+from tunelab.methods.tokens import TrainableTokens, load_tokens_dir
 
 if TYPE_CHECKING:
     from tunelab.config import MethodSection
 
 __all__ = ["Adapter", "AdaptionPromptAttention", "DoRA", "DoRALinear", "Full", "LoRA", "LoRADash", "LoRADashLinear",
-           "LoRALinear", "Method", "QTHA", "QTHALinear", "build_method", "is_adapter_dir", "load_adapter",
-           "load_lora_adapter", "read_adapter_config", "save_lora_adapter"]
+           "LoRALinear", "Method", "QTHA", "QTHALinear", "TrainableTokens", "build_method", "is_adapter_dir",
+           "load_adapter", "load_lora_adapter", "read_adapter_config", "save_lora_adapter"]
 
 
 def build_method(cfg: MethodSection) -> Method:
     """The method a recipe's `method:` section describes (not yet injected into a model)."""
-    if cfg.train_embeddings != "none" and cfg.name != "lora":
-        raise ConfigError(f"method.train_embeddings={cfg.train_embeddings} applies to method lora only (full "
-                          f"fine-tuning trains the whole embedding already); remove it or use method.name=lora")
+    if cfg.train_embeddings != "none" and cfg.name not in ("lora", "tokens"):
+        raise ConfigError(f"method.train_embeddings={cfg.train_embeddings} applies to methods lora and tokens only "
+                          f"(full fine-tuning trains the whole embedding already); remove it or use one of those")
+    if cfg.name == "tokens":
+        return TrainableTokens("new" if cfg.train_embeddings == "none" else cfg.train_embeddings)
     if cfg.name == "lora":
         return LoRA(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
                     target_modules=cfg.target_modules, init=cfg.init, train_embeddings=cfg.train_embeddings)
@@ -72,4 +77,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Method:
         return load_adapter_dir(model, adapter_dir, cfg)
     if cfg.get("peft_type") == QTHA_TYPE:
         return load_qtha_dir(model, adapter_dir, cfg)
+    if cfg.get("peft_type") == TOKENS_TYPE:
+        return load_tokens_dir(model, adapter_dir, cfg)
     return load_lora_adapter(model, adapter_dir)

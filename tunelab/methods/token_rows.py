@@ -17,7 +17,8 @@ from torch import nn
 from tunelab.errors import ConfigError, ModelError
 
 EXTENSION_KEY = "tunelab_vocab_extension"  # config.json: {"first_new_id": ..., "vocab_size": ...}
-DELTA = "token_adapter.trainable_tokens_delta"
+TOKENS_DELTA = "trainable_tokens_delta"  # PEFT's name for the rows' values
+DELTA = f"token_adapter.{TOKENS_DELTA}"  # ... inside a LoRA adapter
 CHOICES = ("none", "new", "all")
 
 
@@ -112,24 +113,32 @@ class TokenRows:
             return ids
         return {name.rsplit(".", 1)[-1]: ids for name in self.wrapped}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """`<module path>.token_adapter.trainable_tokens_delta` per wrapped module (a tied head: none of its own)."""
+    def state_dict(self, peft_type: str = "LORA") -> dict[str, torch.Tensor]:
+        """The rows' values under PEFT's names: in a LoRA adapter `<module path>.token_adapter.trainable_tokens_delta`
+        (a tied head has none of its own); in a TRAINABLE_TOKENS adapter `<module path>.trainable_tokens_delta` for
+        every wrapped module (a tied head repeats the embedding's)."""
+        if peft_type == "TRAINABLE_TOKENS":  # a tied head's copy is a copy (safetensors refuses shared memory)
+            return {f"{name}.{TOKENS_DELTA}": w.values.detach().clone() if i and self.tied else w.values.detach()
+                    for i, (name, w) in enumerate(self.wrapped.items())}
         items = list(self.wrapped.items())[:1] if self.tied else self.wrapped.items()
         return {f"{name}.{DELTA}": w.values.detach() for name, w in items}
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        expected = self.state_dict()
+    def load_state_dict(self, sd: dict[str, torch.Tensor], peft_type: str = "LORA") -> None:
+        expected = self.state_dict(peft_type)
         for key, param in expected.items():
             if key not in sd:
                 raise ModelError(f"the adapter has no {key} (trainable token rows); the weights are incomplete")
             if tuple(sd[key].shape) != tuple(param.shape):
                 raise ModelError(f"{key} has shape {tuple(sd[key].shape)}, this model expects {tuple(param.shape)} "
                                  f"(rows {self.first}..{self.end - 1}); load the adapter onto its own base model")
+        if extra := sorted(set(sd) - set(expected)):
+            raise ModelError(f"adapter tensor {extra[0]} is not a trainable-token tensor of this model's embedding "
+                             f"or head; the adapter belongs to another model")
+        suffix = TOKENS_DELTA if peft_type == "TRAINABLE_TOKENS" else DELTA
         with torch.no_grad():
             for name, w in self.wrapped.items():
-                key = f"{name}.{DELTA}"
-                if key in sd:
-                    w.values.copy_(sd[key])
+                if f"{name}.{suffix}" in expected:
+                    w.values.copy_(sd[f"{name}.{suffix}"])
 
     @torch.no_grad()
     def unload(self, model: nn.Module) -> None:
