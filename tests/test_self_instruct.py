@@ -381,7 +381,7 @@ def test_smollm2_writes_candidates(real_smollm2, tmp_path):
     if not path.is_file():
         pytest.skip("../shared/data is absent")
     cfg = SelfInstructConfig(seed_tasks=str(path), out=str(tmp_path / "t.jsonl"), num=5, generator=str(real_smollm2),
-                             max_tokens=24, temperature=0, prompts_per_round=1, prompt_seed_tasks=1,
+                             max_tokens=8, temperature=0, prompts_per_round=1, prompt_seed_tasks=1,
                              prompt_generated_tasks=0, list_length=3, max_rounds=1)
     report = run_self_instruct(cfg)
     assert report["requests"] == 1 and report["candidates"] >= 1
