@@ -348,3 +348,5 @@ def test_tokens_method_trains_only_the_new_rows_and_peft_loads_it(which, base_mo
     assert set(changed) <= {"model.embed_tokens.weight", "lm_head.weight"}
     w, w0 = m.get_input_embeddings().weight, base.get_input_embeddings().weight
     assert torch.equal(w[:first], w0[:first]) and not torch.equal(w[first:], w0[first:])
+    # stage 2 (LoRA + train_embeddings=new) can start from the merged model: it still knows which rows are new
+    assert json.loads((merged / "config.json").read_text())["tunelab_vocab_extension"]["first_new_id"] == first
