@@ -231,13 +231,14 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, single, base_model_dir,
     want = step_events(single)
     crashed = tmp_path / "run"
     crash_after(single, crashed, 2)
-    proc = torchrun(tmp_path, recipe(tmp_path, base_model_dir, chat_file, checkpoint="async"), "--resume")
+    proc = torchrun(tmp_path, recipe(tmp_path, base_model_dir, chat_file, distributed="fsdp", checkpoint="async"),
+                    "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert resumed_at(crashed) == [2]
     got = step_events(crashed)
     assert [got[s]["tokens"] for s in range(3, 7)] == [want[s]["tokens"] for s in range(3, 7)]
     assert max(abs(got[s]["loss"] - want[s]["loss"]) for s in range(3, 7)) <= 1e-5
-    # replicated (ddp) tensors are written once, the writes spread over both processes
+    # the whole tensors one process wrote were cut into FSDP's shards; its later checkpoints are sharded again
     files = shard_files(crashed / "checkpoints" / "step-000006")
     assert files.keys() == {"__0_0.distcp", "__1_0.distcp"} and min(files.values()) > 10_000
     assert json.loads((crashed / "checkpoints" / "step-000006" / "state.json").read_text())["world_size"] == 2

@@ -197,7 +197,8 @@ class Checkpointer:
             atomic_write_json(tmp / "state.json", state)
         shards = sharded_state(self.method, optimizer)
         shards["trainable"] = trainable
-        self.writer.write(shards, tmp / DCP_DIR, (lambda: self._publish(tmp, final)) if self.rank == 0 else _nothing)
+        self.writer.write(shards, tmp / DCP_DIR, (lambda: self._publish(tmp, final)) if self.rank == 0 else _nothing,
+                          optimizer)
         return final
 
     def _begin(self, step: int) -> tuple[Path, Path]:

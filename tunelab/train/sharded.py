@@ -15,6 +15,7 @@ when the save has completed, which DCP reports on the first process after every 
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from tunelab.errors import TunelabError
 
@@ -157,10 +159,12 @@ def load_optimizer(path: Path, method, optimizer: torch.optim.Optimizer) -> None
 class ShardedWriter:
     """Writes DCP shards, now (`sync`) or in the background (`async`, at most one save in flight).
 
-    `write(state, directory, done)` calls `done()` once every process has written its files: at once when sync;
-    when async, from `poll()` (each step), from the next `write` (which waits for the one in flight first) or from
-    `wait()`. The async writer keeps its staging buffers between saves, so later saves copy into memory that is
-    already there.
+    `write(state, directory, done, optimizer)` calls `done()` once every process has written its files: at once
+    when sync; when async, from `poll()` (each step), from the next `write` (which waits for the one in flight
+    first) or from `wait()`. Async, the copy to CPU memory (staging) runs in a thread too, while the next step's
+    forward and backward passes run (they read the weights and optimizer state, never write them): a pre-hook on
+    `optimizer` holds its next `step()` until the copy is complete (`staging_wait_s` adds up that wait). The
+    staging buffers are kept between saves, so later saves copy into memory that is already there.
     """
 
     def __init__(self, mode: str, world_size: int):
@@ -172,21 +176,45 @@ class ShardedWriter:
                 self.group = dist.new_group(backend="gloo")
             pin = torch.cuda.is_available()
             self.stager = DefaultStager(StagingOptions(use_pinned_memory=pin, use_shared_memory=False,
-                                                       use_async_staging=False, use_non_blocking_copy=False))
+                                                       use_async_staging=True, use_non_blocking_copy=False))
         self.pending: tuple[Future, Callable[[], None], Path] | None = None
+        self.staging: Future | None = None  # the copy to memory of the save in flight, until it completes
+        self.hooked: torch.optim.Optimizer | None = None
+        self.staging_wait_s = 0.0
 
-    def write(self, state: dict[str, Any], directory: Path, done: Callable[[], None]) -> None:
+    def write(self, state: dict[str, Any], directory: Path, done: Callable[[], None],
+              optimizer: torch.optim.Optimizer | None = None) -> None:
         self.wait()
         try:
             if self.mode == "async":
-                future = dcp.async_save(state, checkpoint_id=directory, process_group=self.group,
-                                        async_stager=self.stager)
-                self.pending = (future, done, directory)
+                response = dcp.async_save(state, checkpoint_id=directory, process_group=self.group,
+                                          async_stager=self.stager)
+                if isinstance(response, AsyncSaveResponse):
+                    self._hold_step(optimizer, response.staging_completion)
+                    response = response.upload_completion
+                self.pending = (response, done, directory)
                 return
             dcp.save(state, checkpoint_id=directory)
         except (CheckpointException, RuntimeError, OSError) as e:
             raise CheckpointError(f"{directory}: writing the checkpoint failed ({_explain(e)[:300]})") from None
         done()
+
+    def _hold_step(self, optimizer: torch.optim.Optimizer | None, staged: Future) -> None:
+        """Until `staged` completes, `optimizer.step()` waits for it (without an optimizer: wait now)."""
+        if optimizer is None:
+            staged.result()
+            return
+        self.staging = staged
+        if self.hooked is not optimizer:  # one hook per optimizer, for every save
+            optimizer.register_step_pre_hook(self._wait_for_staging)
+            self.hooked = optimizer
+
+    def _wait_for_staging(self, *_: Any) -> None:
+        if self.staging is not None:
+            t0 = time.perf_counter()
+            staged, self.staging = self.staging, None
+            staged.result()
+            self.staging_wait_s += time.perf_counter() - t0
 
     def poll(self) -> None:
         """Finish the save in flight if it has completed (never blocks)."""
