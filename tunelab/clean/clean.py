@@ -185,6 +185,7 @@ def clean_text(text: str, cfg: CleanConfig, tally: dict, repeated: set[int] | fr
     from tunelab.clean.quality import quality_reason, repetition_reason
 
     limit = cfg.examples
+    original = text
     if cfg.lines.enabled:
         kept, gone, reason = clean_lines(text, cfg.lines, repeated)
         for rule, line in gone:
@@ -194,7 +195,7 @@ def clean_text(text: str, cfg: CleanConfig, tally: dict, repeated: set[int] | fr
             return None
         text = kept
     if len(text.strip()) < cfg.min_chars:
-        removed(tally, "empty_after_cleaning", text, limit, documents=1)
+        removed(tally, "empty_after_cleaning", text, limit, documents=1, example=original)
         return None
     if cfg.quality.enabled:
         reason = quality_reason(text, cfg.quality) or (

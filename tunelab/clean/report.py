@@ -19,15 +19,19 @@ def new_tally() -> dict[str, Any]:
             "examples": {}, "problems": {}, "problem_lines": []}
 
 
-def removed(t: dict, rule: str, text: str, limit: int, documents: int = 0, lines: int = 0) -> None:
-    """Count `text` (a document or a line) as removed by `rule`, and keep it as an example while under `limit`."""
+def removed(t: dict, rule: str, text: str, limit: int, documents: int = 0, lines: int = 0,
+            example: str | None = None) -> None:
+    """Count `text` (a document or a line) as removed by `rule`, and keep it (or `example`, what it was before
+    other rules cut it) as an example while under `limit`."""
     r = t["removed"].setdefault(rule, {"documents": 0, "lines": 0, "chars": 0})
     r["documents"] += documents
     r["lines"] += lines
     r["chars"] += len(text)
     ex = t["examples"].setdefault(rule, [])
-    if len(ex) < limit:
-        ex.append(text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + " …")
+    text = text if example is None else example
+    short = text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + " …"
+    if len(ex) < limit and short not in ex:  # distinct examples: a boilerplate line is shown once
+        ex.append(short)
 
 
 def changed(t: dict, rule: str, n: int = 1) -> None:
@@ -52,7 +56,7 @@ def merge(total: dict, part: dict, limit: int) -> dict:
         changed(total, rule, n)
     for rule, ex in part["examples"].items():
         dst = total["examples"].setdefault(rule, [])
-        dst.extend(ex[:max(limit - len(dst), 0)])
+        dst.extend([x for x in ex if x not in dst][:max(limit - len(dst), 0)])
     for kind, n in part["problems"].items():
         total["problems"][kind] = total["problems"].get(kind, 0) + n
     room = PROBLEM_LINES - len(total["problem_lines"])
