@@ -345,6 +345,11 @@ def test_reply_parsing_tolerates_a_restated_number_and_missing_input():
                          "5. Input: <noinput>\n5. Output: 5", 4, "en")
     assert [parse_task(b) for b in blocks] == [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
                                                {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    # an empty field never swallows the next label (SmolLM2 wrote "12. Instruction:\n1. Input:\n...")
+    assert parse_task("12. Instruction:\n1. Input:\nSome text.\n1. Output:\nMore.") == {
+        "instruction": "", "input": "Some text.", "output": "More."}
+    assert parse_task("6. Instruction:\nName a fruit.\n6. Input:\n6. Output:\nPear.") == {
+        "instruction": "Name a fruit.", "input": "", "output": "Pear."}
     assert build_prompt(SEEDS[:1], "en", 20).endswith("###\n1. Instruction: Give three tips for staying healthy.\n"
                                                       "1. Input:\n<noinput>\n1. Output:\nEat well, sleep enough and "
                                                       "exercise.\n###\n2. Instruction:")

@@ -223,9 +223,10 @@ def sample_examples(rng: random.Random, seeds: list[dict], generated: list[dict]
 
 _LABEL = r"(?:\d+\s*[.)]\s*)?(?:{})\s*[:：]"
 _INS = _LABEL.format("Instruction|指令")
-_TASK = re.compile(rf"^\s*{_INS}\s*(?P<instruction>.*?)\s*"
-                   rf"(?:\n\s*{_LABEL.format('Input|输入')}\s*(?P<input>.*?)\s*)?"
-                   rf"\n\s*{_LABEL.format('Output|输出')}\s*(?P<output>.*?)\s*$", re.S | re.I)
+# after a label, only spaces: a newline there may be an empty field's end, which the next label needs
+_TASK = re.compile(rf"^\s*{_INS}[ \t]*(?P<instruction>.*?)\s*"
+                   rf"(?:\n\s*{_LABEL.format('Input|输入')}[ \t]*(?P<input>.*?)\s*)?"
+                   rf"\n\s*{_LABEL.format('Output|输出')}[ \t]*(?P<output>.*?)\s*$", re.S | re.I)
 _STARTS_WITH_TASK = re.compile(rf"^\s*(?:###\s*)?{_INS}", re.I)
 _NEXT_TASK = re.compile(r"\n(?=\s*\d+\s*[.)]\s*(?:Instruction|指令)\s*[:：])", re.I)
 _NO_INPUT = {"<noinput>", "<no input>", "noinput", "<无输入>", "无输入", "<无>", "无"}
