@@ -54,6 +54,7 @@ SCRIPTED = (" " + GOOD_1 + "\n5. Input:\nPride and Prejudice\n5. Output:\nA youn
             + task(11, "Écris une phrase sur la mer et le vent.")  # non_ascii_start
             + task(12, "Sort it.")  # too_short
             + task(13, "Explain recursion to a child.", output="")  # empty
+            + task(13, "Repeat after me the following words.", inp="Hello there", output="Hello there")  # copies
             + "14. This block has no instruction structure at all\n###\n"  # malformed
             + task(15, GOOD_2, output="Turn off lights, insulate, use LEDs, line-dry clothes.")
             + "16. Instruction: Describe the water cycle in simple words\n16. Input:\n<noinput>\n16. Out")  # cut
@@ -148,10 +149,11 @@ def test_every_filter_counts_and_the_output_is_alpaca(fake, seed_file, tmp_path)
     server = fake([{"text": SCRIPTED, "finish": "length"}])
     out = tmp_path / "gen" / "tasks.jsonl"
     report = run_self_instruct(config(seed_file, out, server.url, num=5, max_rounds=1))
-    assert report["rejected"] == {"malformed": 1, "truncated": 1, "empty": 1, "too_short": 1, "too_long": 0,
+    assert report["rejected"] == {"malformed": 1, "truncated": 1, "empty": 1, "output_copies_input": 1,
+                                  "too_short": 1, "too_long": 0,
                                   "blacklist": 1, "program": 1, "punctuation_start": 1, "non_ascii_start": 1,
                                   "similar": 2}
-    assert report["candidates"] == 12 and report["kept"] == 2 and report["acceptance_rate"] == pytest.approx(2 / 12)
+    assert report["candidates"] == 13 and report["kept"] == 2 and report["acceptance_rate"] == pytest.approx(2 / 13)
     assert report["status"] == "stopped: max_rounds"
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"instruction": GOOD_1, "input": "Pride and Prejudice",

@@ -10,6 +10,7 @@ split into tasks, and a task is kept only when it passes, in order:
   truncated        the reply's last block when the reply stopped at the token limit
   malformed        the block has no `Instruction:` ... `Output:` structure
   empty            an empty instruction or output
+  output_copies_input    the output repeats the input (as Self-Instruct drops such instances)
   too_short / too_long   instruction words (CJK characters for Chinese) outside [min_words, max_words]
   blacklist        a keyword for what a text model cannot do (image, graph, picture, file, map, draw, plot, go to,
                    video, audio, music, flowchart, diagram; and Chinese equivalents)
@@ -54,8 +55,8 @@ BLACKLIST_EN = ["image", "images", "graph", "graphs", "picture", "pictures", "fi
                 "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 BLACKLIST_ZH = ["图片", "图像", "照片", "画出", "绘制", "画一", "视频", "音频", "音乐", "流程图", "图表", "地图",
                 "文件"]
-FILTERS = ("truncated", "malformed", "empty", "too_short", "too_long", "blacklist", "program", "punctuation_start",
-           "non_ascii_start", "similar")
+FILTERS = ("truncated", "malformed", "empty", "output_copies_input", "too_short", "too_long", "blacklist", "program",
+           "punctuation_start", "non_ascii_start", "similar")
 STRICT = ("seed_tasks_sha256", "threshold", "min_words", "max_words", "blacklist", "language", "seed")
 EXAMPLES = 3  # examples kept in the report per filter
 
@@ -257,6 +258,8 @@ def heuristic_filter(task: dict[str, str], lang: str, cfg: SelfInstructConfig, b
     ins = task["instruction"]
     if not ins or not task["output"]:
         return "empty"
+    if task["input"] and task["output"].strip().lower() == task["input"].strip().lower():
+        return "output_copies_input"
     words = len(rouge_tokens(ins)) if lang == "zh" else len(ins.split())
     if words < cfg.min_words:
         return "too_short"
@@ -360,6 +363,8 @@ def resume_state(cfg: SelfInstructConfig, settings: dict[str, Any]) -> tuple[dic
     kept = read_kept(out)
     report["recovered"] = report.get("recovered", 0) + max(0, len(kept) - report.get("kept", 0))
     report.update(settings=settings, target=cfg.num, status="running", error=None, kept=len(kept))
+    report["rejected"] = {**dict.fromkeys(FILTERS, 0), **report.get("rejected", {})}  # filters added since
+    report["examples"] = {**{k: [] for k in ("kept", *FILTERS)}, **report.get("examples", {})}
     return report, kept
 
 
