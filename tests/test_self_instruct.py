@@ -8,6 +8,7 @@ timeout, a body that is not JSON, or a hang; it records every prompt it was sent
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -404,3 +405,39 @@ def test_concurrent_requests(fake, seed_file, tmp_path):
     assert report["rounds"] == 1 and report["kept"] == 3
     kept = [json.loads(x)["instruction"] for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert sorted(kept) == sorted(tasks)
+
+
+def test_tunelab_serve_as_the_generator(base_model_dir, seed_file, tmp_path):
+    """`--generator-url` against `tunelab serve` itself (the micro model; its replies are cut at max_tokens)."""
+    import socket
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from tunelab.serve.api import create_app
+    from tunelab.serve.server import build_state
+
+    model = tmp_path / "model"  # the micro model with room for a self-instruct prompt (RoPE: no learned positions)
+    shutil.copytree(base_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    state = build_state(model, precision=None)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        url = "http://{}:{}/v1".format(*sock.getsockname())
+        cfg = SelfInstructConfig(seed_tasks=str(seed_file), out=str(tmp_path / "t.jsonl"), num=1, generator_url=url,
+                                 max_tokens=16, prompts_per_round=2, max_rounds=1, list_length=8, retries=0)
+        report = run_self_instruct(cfg)
+    finally:
+        server.should_exit = True
+        thread.join(15)
+    assert report["requests"] == 2 and report["status"] == "stopped: max_rounds"
+    # the server said finish_reason "length" for both replies: each reply's last block is cut, the rest malformed
+    assert report["rejected"]["truncated"] == 2
+    assert report["candidates"] == report["rejected"]["truncated"] + report["rejected"]["malformed"]
