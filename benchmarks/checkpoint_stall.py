@@ -1,7 +1,11 @@
 """Checkpoint stall: how long the training loop is blocked per checkpoint, sync full vs sync sharded vs async sharded.
 
-    .venv/bin/python benchmarks/checkpoint_stall.py                # small preset, 1 and 2 gloo processes (see README)
-    .venv/bin/python benchmarks/checkpoint_stall.py --preset tiny  # about 8M parameters: a minute
+    .venv/bin/python benchmarks/checkpoint_stall.py                # small preset, 1 and 2 gloo processes
+    .venv/bin/python benchmarks/checkpoint_stall.py --preset tiny  # about 8M parameters: under a minute
+
+On two shared CPU cores one training step of the small preset (2 x 32 tokens, AdamW over 100M parameters) took
+about 10 s, so the default run (2 launches x 19 steps, plus the saves) needs 10 minutes or more there; `--steps 4
+--every 2 --seq 8` shortens it.
     .venv/bin/python benchmarks/checkpoint_stall.py --procs 1 --json out.json
 
 Full fine-tuning of the `small` preset (Llama, hidden 768, 12 layers; a 32000-token vocabulary: about 100M
