@@ -367,24 +367,6 @@ def test_pipeline_against_its_inputs(tmp_path, model, chat_file, capsys):
     assert digest(model) == before and data.is_file() and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def test_pipeline_against_its_inputs(tmp_path, model, chat_file, capsys):
-    stages = {"tune": {"run": "finetune", "data": {"train": [str(chat_file)]}}}
-    recipe = tmp_path / "p.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "p", "out_dir": str(model), "base": str(model), "stages": stages}))
-    before = digest(model)
-    refused(capsys, ["pipeline", recipe], "lies inside the base model")
-    data = tmp_path / "p" / "tune" / "chats.jsonl"  # the data inside a stage's directory
-    data.parent.mkdir(parents=True)
-    shutil.copy(chat_file, data)
-    refused(capsys, ["pipeline", recipe, f"out_dir={tmp_path}", f"stages.tune.data.train=[{data}]"], "contains the data")
-    refused(capsys, ["pipeline", recipe, f"out_dir={model.parent}", f"name={model.name}"],
-            "is a tunelab model, not a pipeline run")
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep")
-    refused(capsys, ["pipeline", recipe, f"out_dir={tmp_path}", "name=mine"], "was not written by tunelab")
-    assert digest(model) == before and data.is_file() and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
-
-
 
 @pytest.mark.parametrize("action, kind", [("clean", "cleaned data"), ("dedup", "deduplicated data")])
 def test_data_clean_and_dedup_against_their_inputs(tmp_path, model, action, kind, capsys):
