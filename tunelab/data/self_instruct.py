@@ -78,7 +78,7 @@ class SelfInstructConfig(Section):
     prompt_generated_tasks: int = Field(2, ge=0)
     list_length: int = Field(20, ge=2)  # the numbered list the model continues (Alpaca: 20)
     prompts_per_round: int = Field(5, ge=1)
-    max_tokens: int = Field(2048, ge=16)
+    max_tokens: int = Field(2048, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     timeout: float = Field(120.0, gt=0)  # seconds per endpoint request
