@@ -66,7 +66,7 @@ class FakeOpenAI(ThreadingHTTPServer):
 
     def __init__(self, script: list):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.script, self.prompts, self.lock = list(script), [], threading.Lock()
+        self.script, self.prompts, self.keys, self.lock = list(script), [], [], threading.Lock()
         self.hit = threading.Event()  # set when a "hang" item is reached
 
     @property
@@ -98,6 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         with server.lock:
             item = server.script.pop(0) if server.script else {"status": 503}
             server.prompts.append(body["messages"][-1]["content"])
+            server.keys.append(self.headers.get("Authorization"))
         if "hang" in item:
             server.hit.set()
             time.sleep(item["hang"])
@@ -315,6 +316,18 @@ def test_seed_file_in_a_wrong_format_names_file_and_line(seed_file, tmp_path, ca
                  "--num", "1", "--out", str(tmp_path / "t.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{bad}:3:" in err[0] and message in err[0], err
+
+
+def test_the_api_key_is_sent_and_never_written(fake, seed_file, tmp_path, monkeypatch):
+    server = fake([{"text": task(5, GOOD_1)}, {"text": task(5, GOOD_2)}])
+    out = tmp_path / "t.jsonl"
+    assert main(["data", "self-instruct", "--seed-tasks", str(seed_file), "--generator-url", server.url, "--num",
+                 "1", "--out", str(out), "--api-key", "sk-secret-1", "prompts_per_round=1"]) == 0
+    monkeypatch.setenv("MY_KEY", "sk-secret-2")
+    assert main(["data", "self-instruct", "--seed-tasks", str(seed_file), "--generator-url", server.url, "--num",
+                 "2", "--out", str(out), "api_key_env=MY_KEY", "prompts_per_round=1"]) == 0
+    assert server.keys == ["Bearer sk-secret-1", "Bearer sk-secret-2"]
+    assert "sk-secret" not in (tmp_path / "t.report.json").read_text() + out.read_text()
 
 
 def test_one_generator_is_required(seed_file, tmp_path, capsys):

@@ -49,8 +49,8 @@ class EndpointGenerator:
         import openai
 
         self.url = base_url(url)
-        self.client = openai.OpenAI(base_url=self.url, api_key=api_key or "unused", timeout=timeout,
-                                    max_retries=retries)
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "unused"  # a local server needs none
+        self.client = openai.OpenAI(base_url=self.url, api_key=key, timeout=timeout, max_retries=retries)
         self.timeout, self.retries = timeout, retries
         self.max_tokens, self.temperature, self.top_p, self.stop = max_tokens, temperature, top_p, stop
         self.workers = workers
@@ -121,7 +121,8 @@ class EndpointGenerator:
 
 
 def api_key_from(api_key: str | None, api_key_env: str | None) -> str | None:
-    """The key given on the command line, else the one in the environment variable the recipe names."""
+    """The key given on the command line, else the one in the environment variable the recipe names (else the
+    client takes $OPENAI_API_KEY, and sends a placeholder when that is unset too)."""
     if api_key or not api_key_env:
         return api_key
     value = os.environ.get(api_key_env)
