@@ -335,6 +335,9 @@ def test_one_generator_is_required(seed_file, tmp_path, capsys):
                  str(tmp_path / "t.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "give exactly one of generator" in err[0]
+    assert main(["data", "self-instruct", "--generator-url", "http://127.0.0.1:9", "--num", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing --seed-tasks" in err[0] and "--out" in err[0] and "--num (" not in err[0]
 
 
 def test_chinese_seeds_use_chinese_prompts_and_character_rouge(fake, tmp_path):

@@ -115,6 +115,13 @@ def load_self_instruct_config(recipe: str | None = None, overrides: list[str] = 
 
     for item in overrides:
         apply_override(raw, item)
+    missing = [k for k in ("seed_tasks", "num", "out") if k not in raw]
+    if missing:
+        from tunelab.errors import ConfigError
+
+        raise ConfigError("missing " + ", ".join(f"--{k.replace('_', '-')} ({k}: in a recipe)" for k in missing)
+                          + "; e.g. tunelab data self-instruct --seed-tasks seeds.jsonl --generator MODEL_DIR "
+                            "--num 100 --out tasks.jsonl")
     return validate(SelfInstructConfig, raw, source=recipe or "command line", overrides=list(overrides))
 
 
