@@ -7,7 +7,7 @@ and outputs), 6-30 words, so the token statistics (stop words, common verbs) are
 candidates: half fresh samples (mostly novel), half copies of pool members with one word dropped or replaced
 (mostly rejected). Every method must reach the same decision on every candidate; the script stops otherwise.
 
-    python benchmarks/self_instruct_rouge.py [--sizes 1000 10000 50000] [--seed-tasks FILE]
+    python benchmarks/self_instruct_rouge.py [--sizes 1000 10000 50000] [--seed-tasks FILE] [--grow 50000]
 
 Prints, per pool size, the mean time to check one candidate and the ratios. `pip install rouge-score` (the
 `bench` extra) for the peer rows.
@@ -71,7 +71,12 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=200, help="candidates timed with the index")
     ap.add_argument("--naive-pairs", type=int, default=150_000, help="pairs scored per all-pairs method and size")
     ap.add_argument("--threshold", type=float, default=0.7)
+    ap.add_argument("--grow", type=int, default=0, help="only grow a pool to this many kept tasks with the index "
+                                                       "(candidates as above, a third near-copies of kept ones)")
     args = ap.parse_args()
+    if args.grow:
+        grow(args)
+        return
     try:
         from rouge_score import rouge_scorer
     except ImportError:
@@ -134,6 +139,28 @@ def main() -> None:
               + (f"{peer:.1f} ms | {r['self_instruct_ms']:.1f} ms | " if peer else "n/a | n/a | ")
               + f"{r['exact_share']:.2%} | " + (f"{peer / r['fast_ms']:.0f}x |" if peer else "n/a |"))
     print("(mean time to check one candidate against the whole pool; decisions identical across methods)")
+
+
+def grow(args) -> None:
+    """The whole novelty loop of a run that keeps `args.grow` tasks: every candidate checked, the novel ones kept."""
+    follows = bigram_model(args.seed_tasks)
+    rng = random.Random(1)
+    index, kept, candidates = RougeIndex(args.threshold), [], 0
+    t0, marks = time.perf_counter(), {}
+    while len(kept) < args.grow:
+        text = perturbed(rng.choice(kept), follows, rng) if kept and rng.random() < 1 / 3 else \
+            sample_instruction(follows, rng)
+        candidates += 1
+        tokens = rouge_tokens(text)
+        if index.most_similar(tokens)[1] is None:
+            index.add(tokens)
+            kept.append(text)
+            if len(kept) in (1000, 10000, 50000, args.grow):
+                marks[len(kept)] = (time.perf_counter() - t0, candidates)
+    for n, (s, c) in sorted(marks.items()):
+        print(f"grown to {n:,} kept tasks: {s:.1f} s for {c:,} candidates ({s / c * 1e3:.2f} ms per candidate)")
+    print(f"exact LCS for {index.exact_checks:,} of {index.pairs:,} candidate-kept pairs "
+          f"({index.exact_checks / index.pairs:.4%})")
 
 
 if __name__ == "__main__":
