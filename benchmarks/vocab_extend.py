@@ -1,6 +1,6 @@
 """Does extending SmolLM2's vocabulary with Chinese tokens pay on CPsyCounD? The original against +N tokens.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/vocab_extend.py                      # ~20 minutes on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/vocab_extend.py                      # ~15 minutes on 2 cores
     .venv/bin/python benchmarks/vocab_extend.py --sizes 2000 8000 --pt-steps 30 --ft-steps 20 --json out.json
 
 Data: CPsyCounD's dialogues (../shared/data/cpsycound); the last `--held-out` dialogues are never seen by the
