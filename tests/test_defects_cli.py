@@ -170,12 +170,14 @@ def check_hint_flags(message: str, command: str | None = None) -> None:
     every = set().union(*flags.values())
     for flag in set(re.findall(flag_re, message)):
         assert flag in every, f"{flag} is no tunelab flag: {message}"
-    named = r"tunelab ((?:[a-z]+/)*[a-z]+)([^;`)]*)"
+    named = r"tunelab ((?:[a-z]+/)*[a-z]+)((?: [a-z][a-z-]*)?[^;`)]*)"
     for names, rest in re.findall(named, message):
-        for flag in re.findall(flag_re, rest):
-            for name in names.split("/"):
-                if name in flags:
-                    assert flag in flags[name], f"`tunelab {name}` has no {flag}: {message}"
+        for name in names.split("/"):
+            sub = re.match(r" ([a-z][a-z-]*)", rest)  # a command group's action: `tunelab data self-instruct`
+            cmd = f"{name} {sub.group(1)}" if sub and f"{name} {sub.group(1)}" in flags else name
+            if cmd in flags:
+                for flag in re.findall(flag_re, rest):
+                    assert flag in flags[cmd], f"`tunelab {cmd}` has no {flag}: {message}"
     if command is not None:
         for flag in set(re.findall(flag_re, re.sub(named, "", message))):
             assert flag in flags[command], f"`tunelab {command}` has no {flag}: {message}"

@@ -108,11 +108,16 @@ def check_replaceable(directory: PathLike, kind: str) -> None:
         return
     marker = read_marker(d)
     if marker is None:
-        raise OutputError(f"{d} exists and was not written by tunelab as a {kind} (it has no {MARKER}); "
+        raise OutputError(f"{d} exists and was not written by tunelab as {_a(kind)} (it has no {MARKER}); "
                           f"refusing to replace it: give the name of a new or empty directory")
     if marker.get("kind") != kind:
-        raise OutputError(f"{d} is a tunelab {marker.get('kind')}, not a {kind}; refusing to replace it: "
+        raise OutputError(f"{d} is a tunelab {marker.get('kind')}, not {_a(kind)}; refusing to replace it: "
                           f"give the name of a new or empty directory")
+
+
+def _a(kind: str) -> str:
+    """`kind` with its indefinite article: "a model", "an adapter"."""
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
 
 
 def _check_creatable(directory: Path, what: str) -> None:
