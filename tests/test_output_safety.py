@@ -439,7 +439,7 @@ def test_vocab_extend_against_its_inputs(tmp_path, model, capsys):
     assert read_marker(out)["kind"] == "extended model"
     capsys.readouterr()
     refused(capsys, ["vocab", "extend", model, corpus, "--add", "5", "--out", out], "is a tunelab extended model, "
-            "not a extended tokenizer")
+            "not an extended tokenizer")
     refused(capsys, [*args, "--out", model.parent], "contains the base")
     other = tmp_path / "notes"
     other.mkdir()
