@@ -148,6 +148,9 @@ def test_models_lists_the_base_and_every_adapter(client, state):
     assert {state.base_name, "alice", "bob", "carol", "d1", "alias", "prompty"} <= set(cards)
     assert "escape" not in cards  # it leaves the adapters directory
     assert cards["alice"].model_extra["parent"] == state.base_name
+    assert client.models.retrieve("bob").id == "bob" and client.models.retrieve(state.base_name).parent is None
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nobody")
 
 
 def test_three_voices_chat_streamed_and_not(client, state):
