@@ -191,6 +191,10 @@ def test_unservable_adapters_are_refused(base_model_dir, tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
     with pytest.raises(ServeError, match="modules_to_save"):
         read_lora_weights(d, model)
+    for extra in ({"trainable_token_indices": [5, 6]}, {"peft_type": "TRAINABLE_TOKENS"}):  # vocab extend's rows
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
+        with pytest.raises(ServeError, match="trains embedding rows.*tunelab export"):
+            read_lora_weights(d, model)
 
 
 def test_stop_string_hold_back():

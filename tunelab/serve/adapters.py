@@ -83,6 +83,10 @@ def read_lora_weights(adapter_dir: str | Path, model: torch.nn.Module) -> LoraWe
             raise ServeError(400, f"{d}: {what} cannot share a batch with LoRA rows (its update is not a low-rank "
                                   f"term of linear layers); serve it alone with `tunelab generate/chat <base> "
                                   f"--adapter {d}`", code="adapter_not_servable")
+        if kind == "TRAINABLE_TOKENS" or cfg.get("trainable_token_indices"):
+            raise ServeError(400, f"{d}: this adapter trains embedding rows (an extended vocabulary), which one "
+                                  f"shared base cannot batch; merge it into a model with `tunelab export` and serve "
+                                  f"that model as its own base", code="adapter_not_servable")
         settings = _lora_settings(cfg, d / CONFIG_NAME)
         if cfg.get("fan_in_fan_out"):
             raise ServeError(400, f"{d / CONFIG_NAME}: fan_in_fan_out (GPT-2 Conv1D layers) is not supported by the "
