@@ -25,7 +25,8 @@ Contenders, each alone in a fresh subprocess (so its peak memory is its own), on
 
 Speed: `--warmup` untimed steps, then `--steps` timed ones; the time of a step runs from the end of the step before
 to its own end (data, forward, backward, optimizer step). "trained tokens" are the examples' tokens in the step (no
-padding); "loss tokens" the positions that carry a loss. tokens/s = the timed steps' tokens / their time.
+padding); "loss tokens" the positions that carry a loss. tokens/s = the timed steps' tokens / their time, over all
+`--rounds` (each round runs every contender once, the order reversed each round; peak memory: the highest round).
 Memory: the process's peak resident set (VmHWM, reset after the warm-up step via /proc/self/clear_refs, glibc's mmap
 threshold pinned at 64 KiB so freed tensors leave the resident set) over the timed steps; every child imports
 torch, transformers, peft, datasets and trl, so the processes differ only in what they run. CUDA: the allocator's
@@ -74,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per contender")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the contenders this many times, the order reversed each round (load drift hits all)")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -285,7 +288,7 @@ def child(args) -> dict:
 
 def run_child(args, name: str) -> dict:
     argv = [a for a in args.argv]
-    drop = {"--json", "--contenders"}
+    drop = {"--json", "--contenders", "--rounds"}
     clean, skip = [], False
     for a in argv:
         if a.startswith("--"):
@@ -307,7 +310,8 @@ def report(args, res: dict, what: str) -> None:
     device = _device(args)
     print(f"\n{what}\n{args.model.name}, LoRA r={args.rank} alpha={args.alpha:g} on every linear but the head, "
           f"{args.precision}, {device}, {torch.get_num_threads()} threads; micro-batch {args.batch} "
-          f"(examples or rows of {args.max_len}), {args.warmup} warm-up + {args.steps} timed steps each")
+          f"(examples or rows of {args.max_len}), {args.warmup} warm-up + {args.steps} timed steps each, "
+          f"{args.rounds} round(s)")
     names = list(res["contenders"])
     head = f"{'':32}" + "".join(f"{n:>16}" for n in names)
     print(head)
@@ -346,14 +350,22 @@ def main(argv: list[str] | None = None) -> None:
     load0 = os.getloadavg()[0]
     res = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "argv"},
            "data": what, "contenders": {}}
-    for name in args.contenders:
-        t0 = time.perf_counter()
-        r = run_child(args, name)
+    runs: dict[str, list[dict]] = {name: [] for name in args.contenders}
+    for k in range(args.rounds):
+        for name in (args.contenders if k % 2 == 0 else args.contenders[::-1]):
+            t0 = time.perf_counter()
+            r = run_child(args, name)
+            runs[name].append(r)
+            print(f"  round {k + 1}, {name}: {r['tokens_per_s']:,.1f} trained tokens/s, peak {r['peak_mb']:,.0f} MB "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for name, rs in runs.items():
+        r = {"rounds": rs, **{k: sum(x[k] for x in rs) for k in ("tokens", "loss_tokens", "time_s")},
+             "step_s": [t for x in rs for t in x["step_s"]], "peak_mb": max(x["peak_mb"] for x in rs),
+             "step_mb": max(x["step_mb"] for x in rs), "units": rs[0]["units"], "fill": rs[0]["fill"]}
+        r["tokens_per_s"], r["loss_tokens_per_s"] = r["tokens"] / r["time_s"], r["loss_tokens"] / r["time_s"]
         r["median_step_s"] = statistics.median(r["step_s"])
         r["mean_tokens"] = r["tokens"] / len(r["step_s"])
         res["contenders"][name] = r
-        print(f"  {name}: {r['tokens_per_s']:,.1f} trained tokens/s, peak {r['peak_mb']:,.0f} MB "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     res["load"] = [load0, os.getloadavg()[0]]
     report(args, res, what)
     if args.json:
