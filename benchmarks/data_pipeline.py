@@ -22,7 +22,7 @@ Methods, each in its own process on one core, near duplicates only, same thresho
 - datatrove: its 4-stage MinHash pipeline (signatures, buckets, cluster, filter + JsonlWriter) with a
   LocalPipelineExecutor, given the same word tokenizer (its default for English is spaCy, which is not installed:
   with spaCy datatrove's own reference throughput is ~160 docs/s) and the same bands x rows.
-Throughput is documents per second of work (imports excluded); memory is the process's peak RSS.
+Throughput is documents per second of work (imports excluded); memory is the process's peak RSS (VmHWM).
 Then `run_clean` on growing slices of the synthetic corpus: its peak memory should stay flat.
 """
 
@@ -235,7 +235,16 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = METHODS[args.child](Path(args.folder), Path(args.work), args.threshold, args.num_perm)
     wall = time.perf_counter() - start
-    Path(args.result).write_text(json.dumps({"result": result, "wall_s": wall}))
+    Path(args.result).write_text(json.dumps({"result": result, "wall_s": wall, "peak_mb": _vm_hwm_mb()}))
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that across fork and exec, so
+    a child would report at least its parent's size (the parent holds the whole corpus)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(method: str, folder: Path, work: Path, args: argparse.Namespace) -> dict:
@@ -245,11 +254,9 @@ def measure(method: str, folder: Path, work: Path, args: argparse.Namespace) -> 
            str(result), "--threshold", str(args.threshold), "--num-perm", str(args.num_perm)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"{method}.log", "w"),
                             env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_DISABLE_IMPORT_WARNING": "1"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+    if proc.wait() != 0:
         raise SystemExit(f"{method} failed; see {work / f'{method}.log'}")
-    out = json.loads(result.read_text())
-    return {**out, "peak_mb": usage.ru_maxrss / 1024}
+    return json.loads(result.read_text())
 
 
 # --- scoring -----------------------------------------------------------------------------------------------
