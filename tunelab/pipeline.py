@@ -238,7 +238,7 @@ def plan_pipeline(cfg: PipelineConfig, source: str = "recipe") -> Plan:
         if m is not None and s.kind.wants_base and m.kind.merge_needed(m):
             if not m.kind.mergeable(m):
                 raise ConfigError(f"{s.where}: starts from stage {m.name}'s {m.cfg.method.name} adapter, which cannot "
-                                  f"be merged into its base; train {m.name} with lora, lora-dash, dora or full")
+                                  f"be merged into its base; train {m.name} with lora, lora-dash, dora, tokens or full")
             m.needs_merge = True
     tasks = [t.model_copy(update=_resolve(t.model_dump(exclude_unset=True), by_name)) for t in
              (cfg.eval.tasks if cfg.eval else [])]
@@ -578,7 +578,7 @@ STAGES: dict[str, Kind] = {
     "finetune": Kind(_build_finetune, _run_training(_run_finetune), _finetune_output,
                      _train_inputs("tunelab.train.finetune"), base=_finetune_base, trains=True, takes_model=True,
                      model_section=True, wants_base=True, merge_needed=lambda s: s.cfg.method.name != "full",
-                     mergeable=lambda s: s.cfg.method.name in ("lora", "lora-dash", "dora", "full")),
+                     mergeable=lambda s: s.cfg.method.name in ("lora", "lora-dash", "dora", "tokens", "full")),
     "eval": Kind(_build_eval, _run_eval_stage, lambda s: s.dir,
                  lambda s: {"model": s.cfg.models[0].partition("=")[2],
                             "task data": [getattr(t, "path", None) for t in s.cfg.tasks],
