@@ -1,4 +1,4 @@
-"""The report of `tunelab pipeline` (`pipeline.py`): pipeline_report.json and a self-contained pipeline_report.html.
+"""The report of `tunelab pipeline` (tunelab/pipeline/): pipeline_report.json and a self-contained HTML page.
 
 Rows are the base model (when the suite measured one) and each training stage, in order; every metric of the
 suite is shown for each row with its delta from the previous row and from the first. For each training stage:
