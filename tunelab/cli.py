@@ -336,6 +336,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
+def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    from tunelab.train.checkpoint_export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out)
+    console.print(f"{r['stage']} checkpoint {r['checkpoint']} (step {r['step']}, {r['format']}, written by "
+                  f"{r['world_size']} process{'es' if r['world_size'] > 1 else ''}) -> {r['kind']} {r['out_dir']}",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.serve.server import build_state, parse_adapter_args, serve
 
@@ -344,16 +354,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(state, args.host, args.port, args.api_key, args.allow_runtime_lora,
           on_ready=lambda url: console.print(f"serving {state.base_name} and its adapters at {url} (Ctrl-C stops)",
                                              highlight=False))
-    return 0
-
-
-def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
-    from tunelab.train.checkpoint_export import export_checkpoint
-
-    r = export_checkpoint(args.checkpoint, args.out)
-    console.print(f"{r['stage']} checkpoint {r['checkpoint']} (step {r['step']}, {r['format']}, written by "
-                  f"{r['world_size']} process{'es' if r['world_size'] > 1 else ''}) -> {r['kind']} {r['out_dir']}",
-                  highlight=False, soft_wrap=True)
     return 0
 
 
@@ -639,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.set_defaults(func=_cmd_data_self_instruct)
 
-    for action, help_text in (("clean", "clean text corpora: Unicode, boilerplate lines, Gopher quality, language, PII; "
-                                        "shard by shard, resumable"),
+    for action, help_text in (("clean", "clean text corpora: Unicode, boilerplate lines, Gopher quality, language, "
+                                        "PII; shard by shard, resumable"),
                               ("dedup", "remove exact and near duplicates (MinHash LSH) across all shards; "
                                         "a clusters file says which was kept")):
         p = data.add_parser(action, help=help_text)
