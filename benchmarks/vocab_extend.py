@@ -112,6 +112,7 @@ def finetune(base: Path, train_chats: Path, out: Path, name: str, a) -> tuple[Pa
 def run_variant(n: int, a, files: dict, held: list[dict], out: Path) -> dict:
     from tunelab.models import load_tokenizer
     from tunelab.vocab.extend import extend_vocab
+    from tunelab.vocab.resize import loss_texts
 
     label = "original" if n == 0 else f"+{n}"
     if n:
@@ -123,7 +124,7 @@ def run_variant(n: int, a, files: dict, held: list[dict], out: Path) -> dict:
     texts = [dialogue_text(d) for d in held]
     chars = sum(map(len, texts))
     tokens = sum(len(x) for x in tok(texts, add_special_tokens=False)["input_ids"])
-    eval_texts = _first_chars(texts, a.eval_chars)
+    eval_texts = loss_texts(texts, a.eval_chars)
     r = {"variant": label, "vocab": len(tok), "tokens_per_char": tokens / chars,
          "chars_in_2048": 2048 * chars / tokens}
     r["bpb_start"] = held_out_bpb(base, eval_texts)
@@ -134,16 +135,6 @@ def run_variant(n: int, a, files: dict, held: list[dict], out: Path) -> dict:
     r["sft_bpb"] = assistant_bpb(ft_model, files["held_chats"], a.ft_len)
     print(json.dumps(r), flush=True)
     return r
-
-
-def _first_chars(texts: list[str], limit: int) -> list[str]:
-    out, left = [], limit
-    for t in texts:
-        if left <= 0:
-            break
-        out.append(t[:left])
-        left -= len(out[-1])
-    return out
 
 
 def table(rows: list[dict]) -> str:

@@ -63,9 +63,9 @@ def init_rows(weight: torch.Tensor, old: torch.Tensor, new_ids: range, pieces: l
         weight[new_ids.start:new_ids.stop] = torch.randn(len(new_ids), old.shape[1], generator=generator) * std
 
 
-def loss_texts(texts: list[str]) -> list[str]:
-    """The first LOSS_CHARS characters of `texts` (whole documents, the last one cut)."""
-    out, left = [], LOSS_CHARS
+def loss_texts(texts: list[str], limit: int = LOSS_CHARS) -> list[str]:
+    """The first `limit` characters of `texts` (whole documents, the last one cut)."""
+    out, left = [], limit
     for t in texts:
         if left <= 0:
             break
