@@ -113,8 +113,9 @@ class TokenizerSettings(Section):
     split_cjk: bool = False
 
 
-def _build_tokenizer(s: Stage, by_name: dict[str, Stage], cfg: PipelineConfig) -> TokenizerSettings:
-    return validate(TokenizerSettings, _resolve(s.settings, by_name), source=s.where)
+def _settings(cls: type[Section]) -> Callable:
+    """The builder of a stage whose settings are exactly `cls`'s keys (references to earlier stages resolved)."""
+    return lambda s, by_name, cfg: validate(cls, _resolve(s.settings, by_name), source=s.where)
 
 
 def _run_tokenizer(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -139,10 +140,6 @@ class SelectSettings(Section):
     skip: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1)
     text: bool = False
-
-
-def _build_select(s: Stage, by_name: dict[str, Stage], cfg: PipelineConfig) -> SelectSettings:
-    return validate(SelectSettings, _resolve(s.settings, by_name), source=s.where)
 
 
 def _run_select(plan: Plan, s: Stage, resume: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -291,7 +288,8 @@ STAGES: dict[str, Kind] = {
     "data self-instruct": Kind(_build_self_instruct, _run_self_instruct, lambda s: s.dir / "tasks.jsonl",
                                lambda s: {"seed tasks": s.cfg.seed_tasks, "generator model": s.cfg.generator},
                                takes_model=True, model_optional=True),
-    "tokenizer train": Kind(_build_tokenizer, _run_tokenizer, lambda s: s.dir / "tokenizer",
+    "tokenizer train": Kind(_settings(TokenizerSettings), _run_tokenizer, lambda s: s.dir / "tokenizer",
                             lambda s: {"corpus": s.cfg.files}),
-    "data select": Kind(_build_select, _run_select, lambda s: s.dir / "data.jsonl", lambda s: {"data": s.cfg.paths}),
+    "data select": Kind(_settings(SelectSettings), _run_select, lambda s: s.dir / "data.jsonl",
+                        lambda s: {"data": s.cfg.paths}),
 }
