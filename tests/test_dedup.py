@@ -150,6 +150,16 @@ def test_bad_lines_are_skipped_and_kept_documents_line_up(tmp_path):
     assert clusters == [{"removed": f"{f}:4", "survivor": f"{f}:2", "kind": "exact", "similarity": 1.0}]
 
 
+def test_clusters_name_survivor_and_removed_files_alike(tmp_path, planted, monkeypatch):
+    files, _ = planted  # relative inputs: the survivor (in another shard) was named by its absolute path
+    monkeypatch.chdir(tmp_path)
+    run_dedup(["a.jsonl", "b.jsonl"], "out")
+    clusters = [json.loads(x) for x in (tmp_path / "out" / "clusters.jsonl").read_text().splitlines()]
+    assert len(clusters) == 30
+    assert {c["removed"].rsplit(":", 1)[0] for c in clusters} == {"b.jsonl"}
+    assert {c["survivor"].rsplit(":", 1)[0] for c in clusters} == {"a.jsonl"}
+
+
 def test_dedup_reads_a_clean_output_directory_as_its_shards(tmp_path, planted):
     from tunelab.clean import CleanConfig, run_clean
 

@@ -66,7 +66,8 @@ def run_dedup(inputs: list[str | Path], out: str | Path, cfg: DedupConfig | None
     work = out / "work"
     for d in ("sig", "done"):
         (work / d).mkdir(exist_ok=True)
-    base = {"work": str(work), "out": str(out), "cfg": cfg.model_dump(mode="json"), "on_error": on_error}
+    base = {"work": str(work), "out": str(out), "cfg": cfg.model_dump(mode="json"), "on_error": on_error,
+            "inputs": [str(f) for f in files]}
     tasks = [{**base, "input": str(f), "index": i} for i, f in enumerate(files)]
     with Engine(engine, workers, address) as eng:
         _run_stage("signatures", _signatures, tasks, lambda t: work / "sig" / f"{shard_name(t['index'])}.json",
@@ -228,16 +229,14 @@ def _write_kept(task: dict) -> dict:
 
 
 def _locations(work: Path, task: dict):
-    """global index -> "file:line" (the shards' inputs come from the run's state)."""
-    state = json.loads((work / "state.json").read_text(encoding="utf-8"))
-    files = [Path(p) for p, _, _ in state["inputs"]]
-    given = {Path(task["input"]).resolve(): task["input"]}
+    """global index -> "file:line", every file named as the inputs were given (as `removed` names its own)."""
+    files = task["inputs"]
     lines = [np.load(work / "sig" / f"{shard_name(j)}.npz")["lines"] for j in range(len(files))]
     starts = np.cumsum([0] + [len(x) for x in lines])
 
     def where(g: int) -> str:
         j = int(np.searchsorted(starts, g, side="right") - 1)
-        return f"{given.get(files[j], files[j])}:{int(lines[j][g - starts[j]])}"
+        return f"{files[j]}:{int(lines[j][g - starts[j]])}"
     return where
 
 
