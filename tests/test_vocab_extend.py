@@ -240,6 +240,10 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, base_model_dir, to
     empty.write_text("\n\n", encoding="utf-8")
     refused(capsys, ["vocab", "extend", tokenizer_dir, empty, "--add", "10", "--out", out], "no documents found")
     refused(capsys, ["vocab", "extend", tokenizer_dir, new_chars_corpus, "--add", "0", "--out", out], "--add 0")
+    for name in ("corpus.jsonl.gz", "corpus.parquet"):  # were read as text: "not UTF-8 text (byte 1)"
+        (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00")
+        refused(capsys, ["vocab", "extend", tokenizer_dir, tmp_path / name, "--add", "10", "--out", out],
+                f"{name}: unsupported file type")
     english = write_jsonl(tmp_path / "en.jsonl", [ENGLISH] * 50)
     refused(capsys, ["vocab", "extend", tokenizer_dir, english, "--add", "10", "--out", out], "nothing to learn")
     wordpiece = tmp_path / "wordpiece"

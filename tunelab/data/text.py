@@ -9,6 +9,8 @@ from pathlib import Path
 from tunelab.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+# formats other readers take (data clean: .jsonl.gz, .parquet; finetune: .csv) that are not plain text here
+NOT_TEXT_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".parquet", ".arrow", ".csv")
 
 
 def resolve_files(path: str | Path) -> list[Path]:
@@ -18,7 +20,7 @@ def resolve_files(path: str | Path) -> list[Path]:
     reports."""
     p = Path(path)
     if p.is_file():
-        return [p]
+        return [_text_file(p)]
     if p.is_dir() and is_cleaned_output(p):
         return sorted((p / "data").glob("part-*.jsonl"))
     if p.is_dir():
@@ -30,7 +32,16 @@ def resolve_files(path: str | Path) -> list[Path]:
     if not matches:
         raise DataError(f"{path}: no such file, directory or glob match; check the path "
                         f"(relative paths are relative to {Path.cwd()})")
-    return matches
+    return [_text_file(m) for m in matches]
+
+
+def _text_file(f: Path) -> Path:
+    """`f`, unless its suffix names a compressed or columnar format (which would be read as garbled text)."""
+    if f.suffix.lower() in NOT_TEXT_SUFFIXES:
+        raise DataError(f"{f}: unsupported file type {f.suffix!r} here; give .txt (documents separated by blank "
+                        f"lines), .jsonl or .json files, or a `tunelab data clean` output directory (data clean "
+                        f"reads .jsonl.gz and .parquet)")
+    return f
 
 
 def is_cleaned_output(p: Path) -> bool:
