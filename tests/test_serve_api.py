@@ -407,3 +407,14 @@ def test_cli_serve_refuses_bad_adapters(base_model_dir, tmp_path, capsys):
     assert main(["serve", str(base_model_dir), "--adapter", f"q={bad}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "NAME=DIR" in err[0] and "not an adapter directory" in err[1] and "QTHA" in err[2]
+
+
+def test_cli_serve_refuses_a_port_in_use_before_loading(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        # the base does not exist: the port is checked first, so the error is the port's
+        assert main(["serve", str(tmp_path / "no-model"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--port {port}" in err[0] and "pick a free port" in err[0]

@@ -347,11 +347,16 @@ def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tunelab.serve.server import build_state, parse_adapter_args, serve
+    from tunelab.serve.server import bind, build_state, parse_adapter_args, serve
 
-    state = build_state(args.base, parse_adapter_args(args.adapter), args.adapters_dir, max_loaded=args.max_loaded,
-                        max_batch=args.max_batch, precision=args.precision)
-    serve(state, args.host, args.port, args.api_key, args.allow_runtime_lora,
+    sock = bind(args.host, args.port)  # before the model loads: a port in use is one line at once
+    try:
+        state = build_state(args.base, parse_adapter_args(args.adapter), args.adapters_dir,
+                            max_loaded=args.max_loaded, max_batch=args.max_batch, precision=args.precision)
+    except BaseException:
+        sock.close()
+        raise
+    serve(state, args.host, args.port, args.api_key, args.allow_runtime_lora, sock=sock,
           on_ready=lambda url: console.print(f"serving {state.base_name} and its adapters at {url} (Ctrl-C stops)",
                                              highlight=False))
     return 0

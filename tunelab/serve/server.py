@@ -9,6 +9,7 @@ engine; `serve` runs the app with uvicorn until Ctrl-C. It writes nothing.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -128,17 +129,29 @@ def build_state(base_dir: str | Path, adapters: dict[str, Path] | None = None, a
     return ServerState(model, tokenizer, base_name, registry, engine)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket at host:port; ConfigError naming --host/--port when it cannot be had (in use, ...)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                          f"pick a free port with --port") from None
+
+
 def serve(state: ServerState, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          allow_runtime_lora: bool = False, on_ready=None) -> None:
-    """Run the server until interrupted; `api_key` None takes $TUNELAB_API_KEY (none when unset or empty)."""
+          allow_runtime_lora: bool = False, on_ready=None, sock: socket.socket | None = None) -> None:
+    """Run the server until interrupted, on `sock` (else host:port, bound now); `api_key` None takes
+    $TUNELAB_API_KEY (none when unset or empty)."""
     import uvicorn
 
     from tunelab.serve.api import create_app
 
     api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None
     app = create_app(state, api_key=api_key, allow_runtime_lora=allow_runtime_lora)
+    sock = sock if sock is not None else bind(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     if on_ready is not None:
-        on_ready(f"http://{host}:{port}/v1")
-    server.run()
+        on_ready(f"http://{host}:{sock.getsockname()[1]}/v1")
+    server.run(sockets=[sock])
