@@ -407,6 +407,11 @@ def test_cli_serve_refuses_bad_adapters(base_model_dir, tmp_path, capsys):
     assert main(["serve", str(base_model_dir), "--adapter", f"q={bad}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "NAME=DIR" in err[0] and "not an adapter directory" in err[1] and "QTHA" in err[2]
+    assert f"--adapter x={tmp_path}" in err[1] and f"--adapter q={bad}" in err[2]
+    # a full model directory given as an adapter says what it is and how to serve it
+    assert main(["serve", str(base_model_dir), "--adapter", f"full={base_model_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "full model directory" in err[0] and f"tunelab serve {base_model_dir}" in err[0]
 
 
 def test_cli_serve_refuses_a_port_in_use_before_loading(tmp_path, capsys):

@@ -209,6 +209,10 @@ class AdapterRegistry:
                 raise ServeError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
                                  param="lora_name")
         p = Path(path)
+        if p.is_dir() and not (p / CONFIG_NAME).is_file() and (p / "config.json").is_file():
+            raise ServeError(400, f"lora_path {str(path)!r} is a full model directory (config.json, no "
+                                  f"{CONFIG_NAME}), not an adapter: serve it as its own base (`tunelab serve "
+                                  f"{path}`)", param="lora_path")
         if not p.is_dir() or not (p / CONFIG_NAME).is_file():
             raise ServeError(400, f"lora_path {str(path)!r} is not an adapter directory here (it needs "
                                   f"{CONFIG_NAME})", param="lora_path")

@@ -117,12 +117,15 @@ def build_state(base_dir: str | Path, adapters: dict[str, Path] | None = None, a
         raise ConfigError(f"--adapters-dir {adapters_dir}: not a directory")
     try:
         registry = AdapterRegistry(model, tokenizer, base_name, adapters_dir=adapters_dir, keep=max(256, max_loaded))
-        for name, path in (adapters or {}).items():
-            if name == base_name:
-                raise ConfigError(f"--adapter {name}: the base model is served under that name; choose another")
-            registry.load(name, path)
     except ServeError as e:
         raise ModelError(f"{e}") from None
+    for name, path in (adapters or {}).items():
+        if name == base_name:
+            raise ConfigError(f"--adapter {name}: the base model is served under that name; choose another")
+        try:
+            registry.load(name, path)
+        except ServeError as e:
+            raise ModelError(f"--adapter {name}={path}: {e}") from None
     engine = Engine(model, tokenizer, lambda info: read_lora_weights(info.path, model), max_loaded=max_loaded,
                     max_batch=max_batch)
     registry.on_unload = engine.forget
