@@ -102,6 +102,8 @@ def test_bad_inputs_are_skipped_counted_and_named(tmp_path, capsys):
     (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "a.jsonl:2: not UTF-8"),
     (b'{"text": "ok"}\n{"text": oops}\n', "a.jsonl:2: invalid JSON"),
     (b'{"content": "ok"}\n', "a.jsonl:1: no key 'text'"),
+    (b'{"text": 12}\n', "a.jsonl:1: 'text' holds a int ('12'), not a string"),  # was "a int 'text' holding a"
+    (b'{"text": null}\n', "a.jsonl:1: 'text' holds null, not a string"),
     (b"", "a.jsonl: no documents"),
 ])
 def test_on_error_stop_gives_one_line_naming_file_and_line(tmp_path, capsys, content, fragment):

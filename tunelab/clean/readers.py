@@ -122,11 +122,18 @@ def _has_text(record: Any, text_key: str, where: str, problem: OnProblem) -> boo
         return False
     if not isinstance(record.get(text_key), str):
         keys = ", ".join(map(str, record)) or "none"
-        got = "no key" if text_key not in record else f"a {type(record[text_key]).__name__}"
-        problem("missing text", f"{where}: {got} '{text_key}' holding a string (keys: {keys}); pass --text-key "
-                                f"(text_key=...) naming the key that holds the text")
+        if text_key in record:  # present but null, a number, a list...
+            got = f"'{text_key}' holds {_kind(record[text_key])}, not a string"
+        else:
+            got = f"no key '{text_key}' holding a string"
+        problem("missing text", f"{where}: {got} (keys: {keys}); pass --text-key (text_key=...) naming the key "
+                                f"that holds the text")
         return False
     return True
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
 
 
 def _txt(path: Path, problem: OnProblem) -> Iterator[tuple[dict, int]]:
