@@ -354,3 +354,15 @@ def test_tokens_method_trains_only_the_new_rows_and_peft_loads_it(which, base_mo
     assert torch.equal(w[:first], w0[:first]) and not torch.equal(w[first:], w0[first:])
     # stage 2 (LoRA + train_embeddings=new) can start from the merged model: it still knows which rows are new
     assert json.loads((merged / "config.json").read_text())["tunelab_vocab_extension"]["first_new_id"] == first
+
+
+@pytest.mark.parametrize("method", [["method.name=tokens"], ["method.name=lora", "method.train_embeddings=new"]])
+def test_new_rows_train_with_packing(method, base_model_dir, new_chars_corpus, tmp_path, capsys):
+    """The packed-attention check read the embedding's num_embeddings, which TrainableRows has not (AttributeError)."""
+    ext = tmp_path / "ext"
+    extend_vocab(base_model_dir, [new_chars_corpus], 20, ext, model=True)
+    run = ["finetune", f"model.base={ext}", f"data.train=[{new_chars_corpus}]", f"out_dir={tmp_path}", "name=ft",
+           *method, "data.packing=true", "train.steps=1", "train.micro_batch_size=2", "train.warmup_steps=0",
+           "data.eval_fraction=0", "data.max_len=64"]
+    assert main(run) == 0, capsys.readouterr().err
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").exists()

@@ -173,7 +173,7 @@ def check_packed_attention(model: nn.Module, what: str = "data.packing") -> None
     variable-length path), which an older transformers or a custom attention may not do."""
     decoder, _ = _body_and_head(model)
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().weight.shape[0]  # an nn.Embedding or vocab extend's TrainableRows
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, 7))
     modes = {m: m.training for m in model.modules()}
