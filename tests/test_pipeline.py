@@ -137,6 +137,7 @@ FT = {"run": "finetune", "data": {"train": ["x.jsonl"]}}
     ({"a": {**FT, "method": {"name": "adapter"}}, "b": dict(FT)}, ["stages.b", "cannot be merged"]),
     ({"a": {**FT, "train": {"stpes": 3}}}, ["stages.a", "train.stpes", "did you mean"]),
     ({"a": {**FT, "target": "x"}}, ["stages.a.target", "no eval: suite"]),
+    ({"a": {**FT, "base": "m"}}, ["stages.a.base", "top level", "model: m"]),
 ])
 def test_graph_and_settings_errors_are_one_line_before_anything_runs(tmp_path, base_model_dir, capsys, stages,
                                                                       fragments):

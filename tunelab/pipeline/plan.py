@@ -87,6 +87,9 @@ def plan_pipeline(cfg: PipelineConfig, source: str = "recipe") -> Plan:
         target = raw.get("target")
         s = Stage(i, name, raw["run"], settings, f"{source}: stages.{name}", root / name, STAGES[raw["run"]],
                   targets=[target] if isinstance(target, str) else list(target or []), refs=graph[name])
+        if s.kind.takes_model and "base" in raw:
+            raise ConfigError(f"{s.where}.base: base: is a key of the recipe's top level (the first training "
+                              f"stage's model); on a stage write model: {raw['base']}")
         if s.kind.takes_model:
             _model_input(s, raw.get("model"), by_name, last_model, cfg.base)
         elif "model" in raw:
@@ -143,7 +146,7 @@ def _model_input(s: Stage, model: Any, by_name: dict[str, Stage], last_model: st
         s.model_path = base
     elif not (s.kind.model_section or s.kind.model_optional):
         raise ConfigError(f"{s.where}: no model to start from: no earlier stage makes one and the recipe has no "
-                          f"base:; set base: (a model directory) or model: on the stage")
+                          f"base:; set base: (a model directory) at the recipe's top level, or model: on the stage")
 
 
 def _check_targets(stages: list[Stage], tasks: list[Any], cfg: PipelineConfig) -> None:

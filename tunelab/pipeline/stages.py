@@ -33,7 +33,8 @@ def _build_finetune(s: Stage, by_name: dict[str, Stage], cfg: PipelineConfig) ->
     section = _resolve(model, by_name, base_output=True) if isinstance(model, dict) else {}
     if s.model_stage is None and s.model_path is None:
         raise ConfigError(f"{s.where}: no model to fine-tune: no earlier stage makes one and the recipe has no "
-                          f"base:; set base: (a model directory) or model: (a stage or a directory) on the stage")
+                          f"base:; set base: (a model directory) at the recipe's top level, or model: (a stage or a "
+                          f"directory) on the stage")
     return _command_config(FinetuneConfig, s, cfg, {**settings,
                                                      "model": {**section, "base": _model_of(s, by_name, True)}})
 
