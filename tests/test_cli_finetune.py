@@ -30,6 +30,7 @@ def test_export_then_generate_and_chat(cli_run):
     proc = tunelab("export", tmp / "ft/adapter", "--out", tmp / "merged")
     assert proc.returncode == 0, proc.stderr
     assert "equivalence check" in proc.stdout and "passed" in proc.stdout
+    assert "(bound " in proc.stdout  # the bound it passed (was only the relative tolerance, below the diff)
     # the merged model and base + adapter answer the same (greedy), and the answer is what was trained
     answers = []
     for model in (tmp / "merged", tmp / "ft/adapter"):

@@ -183,7 +183,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         report = export_merged(args.adapter, args.out, tolerance=args.tolerance)
     console.print(f"merged {report['adapter']} into {report['base']} -> {report['out_dir']}; equivalence check: "
                   f"max |logit difference| {report['max_abs_logit_diff']:.2e} over {report['probes']} probe inputs "
-                  f"(tolerance {report['tolerance']:g}): passed", highlight=False)
+                  f"(bound {report['bound']:.3g} = tolerance {report['tolerance']:g} x the largest |logit|): passed",
+                  highlight=False)
     return 0
 
 
