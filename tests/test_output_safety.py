@@ -381,7 +381,7 @@ def test_data_clean_and_dedup_against_their_inputs(tmp_path, model, action, kind
     refused(capsys, ["data", action, data, "--out", data / "out"], "lies inside the data")
     refused(capsys, ["data", action, data / "a.jsonl", "--out", tmp_path], "contains the data")
     refused(capsys, ["data", action, data, recipe, "--out", recipe], "is the recipe")
-    refused(capsys, ["data", action, data, "--out", model], f"is a tunelab model, not a {kind}")
+    refused(capsys, ["data", action, data, "--out", model], f"is a tunelab model, not {kind};")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep", encoding="utf-8")
     refused(capsys, ["data", action, data, "--out", tmp_path / "mine"], "was not written by tunelab")

@@ -116,7 +116,9 @@ def check_replaceable(directory: PathLike, kind: str) -> None:
 
 
 def _a(kind: str) -> str:
-    """`kind` with its indefinite article: "a model", "an adapter"."""
+    """`kind` with its indefinite article: "a model", "an adapter", "cleaned data" (a mass noun takes none)."""
+    if kind.endswith(" data"):
+        return kind
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
 
 

@@ -239,7 +239,7 @@ def _report(files: list[Path], work: Path, cfg: CleanConfig, start: float, resum
     total["summary"] = {"documents in": total["documents_in"], "documents out": total["documents_out"],
                         "characters in": total["chars_in"], "characters out": total["chars_out"],
                         "skipped input lines": total["skipped_lines"], "shards": len(files),
-                        "engine": f"{engine} ({workers} workers)", "resumed": resumed,
+                        "engine": f"{engine} ({workers} worker{'s' if workers != 1 else ''})", "resumed": resumed,
                         "wall seconds": round(time.time() - start, 2)}
     total["wall_s"] = round(time.time() - start, 3)
     return total

@@ -268,7 +268,7 @@ def _report(files: list[Path], out: Path, cfg: DedupConfig, bands: int, rows: in
                         "shards": len(files),
                         "MinHash": f"{cfg.num_perm} permutations, {cfg.ngram}-token shingles, threshold "
                                    f"{cfg.threshold} -> {bands} bands x {rows} rows",
-                        "engine": f"{engine} ({workers} workers)", "resumed": resumed,
+                        "engine": f"{engine} ({workers} worker{'s' if workers != 1 else ''})", "resumed": resumed,
                         "wall seconds": round(time.time() - start, 2)}
     total["wall_s"] = round(time.time() - start, 3)
     return total
