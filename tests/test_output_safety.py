@@ -408,6 +408,7 @@ def test_checkpoint_export_against_its_inputs(tmp_path, model, chat_file, capsys
     refused(capsys, ["checkpoint", "export", ckpt, "--out", ckpt], "is the checkpoint")
     refused(capsys, ["checkpoint", "export", ckpt, "--out", ckpt / "dcp"], "lies inside the checkpoint")
     refused(capsys, ["checkpoint", "export", ckpt, "--out", runs], "contains the checkpoint")
+    refused(capsys, ["checkpoint", "export", ckpt, "--out", ckpt.parent / "mine"], "lies inside the run's checkpoints")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep", encoding="utf-8")
     refused(capsys, ["checkpoint", "export", ckpt, "--out", tmp_path / "mine"], "was not written by tunelab")

@@ -52,6 +52,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> dict[str, Any]
             "stage": "finetune" if fine_tune else "pretrain"}
 
 
+def _run_checkpoints(path: Path) -> dict[str, Path]:
+    """The run's checkpoints directory holding `path`, as an input: a rerun of the run prunes what lies there."""
+    return {"run's checkpoints": path.parent} if path.parent.name == "checkpoints" else {}
+
+
 def _load_into(method, path: Path) -> None:
     with torch.no_grad():
         method.load_state_dict(checkpoint_tensors(path, method))
@@ -63,7 +68,8 @@ def _export_finetune(cfg: FinetuneConfig, path: Path, out: str | Path) -> str:
     from tunelab.models import load_model, load_tokenizer
 
     base = cfg.model.base
-    check_outputs([out], {"checkpoint": path, "base model": base, "tokenizer": cfg.model.tokenizer})
+    check_outputs([out], {"checkpoint": path, **_run_checkpoints(path), "base model": base,
+                          "tokenizer": cfg.model.tokenizer})
     model = load_model(base)
     tokenizer = load_tokenizer(cfg.model.tokenizer or base)
     tokenizer.chat_template = chat_template_for(tokenizer, cfg.data.chat_template)  # as the run saved it
@@ -80,7 +86,7 @@ def _export_pretrain(cfg: PretrainConfig, path: Path, out: str | Path) -> str:
     from tunelab.train.pretrain import build_model
 
     inputs = {"checkpoint": path, "base model": cfg.model.base, "tokenizer": cfg.model.tokenizer}
-    check_outputs([out], inputs)
+    check_outputs([out], {**inputs, **_run_checkpoints(path)})
     model, tokenizer = build_model(cfg)
     method = Full()
     method.inject(model)
