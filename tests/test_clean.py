@@ -115,6 +115,18 @@ def test_on_error_stop_gives_one_line_naming_file_and_line(tmp_path, capsys, con
     assert not list((tmp_path / "out" / "data").glob("*.jsonl"))
 
 
+@pytest.mark.parametrize("action", ["clean", "dedup"])
+def test_a_wrong_text_key_on_every_line_is_an_error_not_an_empty_corpus(tmp_path, capsys, action):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": r["text"]}) + "\n" for r in docs(3)),
+                                      encoding="utf-8")
+    assert main(["data", action, str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no document was read (" in err and "most: missing text" in err and "--text-key" in err, err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["problems"]["missing text"] == 3
+    assert main(["data", action, str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--text-key",
+                 "body"]) == 0  # the fix the message names
+
+
 def test_unwritable_output_directory_is_one_line(tmp_path, corpus, capsys):
     (tmp_path / "a-file").write_text("", encoding="utf-8")
     assert main(["data", "clean", str(corpus), "--out", str(tmp_path / "a-file" / "out")]) == 2

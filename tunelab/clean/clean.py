@@ -27,7 +27,7 @@ import numpy as np
 from tunelab.clean.config import CleanConfig
 from tunelab.clean.engine import Engine
 from tunelab.clean.readers import read_shard, resolve_inputs
-from tunelab.clean.report import changed, merge, new_tally, removed, render_html
+from tunelab.clean.report import changed, check_something_read, merge, new_tally, removed, render_html
 from tunelab.clean.shards import check_on_error, fingerprint, prepare_run, problem_handler, read_done, shard_name
 from tunelab.io import atomic_write_json, atomic_write_text, atomic_writer
 
@@ -78,6 +78,7 @@ def run_clean(inputs: list[str | Path], out: str | Path, cfg: CleanConfig | None
     atomic_write_text(out / "report.html", render_html(f"tunelab data clean: {out}", report))
     for d in ("stage1", "lines"):
         shutil.rmtree(work / d, ignore_errors=True)
+    check_something_read(report, out)
     return {**report, "out": str(out)}
 
 

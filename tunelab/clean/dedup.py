@@ -25,7 +25,7 @@ from tunelab.clean.config import DedupConfig
 from tunelab.clean.engine import Engine
 from tunelab.clean.minhash import exact_key, normal_tokens, optimal_bands, shingles, signatures
 from tunelab.clean.readers import read_shard, resolve_inputs
-from tunelab.clean.report import merge, new_tally, removed, render_html
+from tunelab.clean.report import check_something_read, merge, new_tally, removed, render_html
 from tunelab.clean.shards import check_on_error, fingerprint, prepare_run, problem_handler, read_done, shard_name
 from tunelab.errors import ConfigError
 from tunelab.io import atomic_write_json, atomic_write_text, atomic_writer
@@ -86,6 +86,7 @@ def run_dedup(inputs: list[str | Path], out: str | Path, cfg: DedupConfig | None
     report = _report(files, out, cfg, bands, rows, start, resumed, workers, engine)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(f"tunelab data dedup: {out}", report))
+    check_something_read(report, out)
     return {**report, "out": str(out)}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from tunelab.errors import DataError
+
 PROBLEM_LINES = 50  # problem messages kept per shard and in the report (all are counted)
 EXAMPLE_CHARS = 400
 
@@ -93,3 +95,12 @@ details{{margin:.3em 0}}</style></head><body>
 <h2>Input problems (skipped)</h2><table>{problems}</table><ol>{problem_lines}</ol>
 </body></html>
 """
+
+
+def check_something_read(report: dict[str, Any], out: Any) -> None:
+    """A run that read no document but skipped input lines is a user error (a wrong --text-key, say): DataError."""
+    if report["documents_in"] == 0 and report["skipped_lines"]:
+        most = max(report["problems"].items(), key=lambda kv: kv[1])[0]
+        raise DataError(f"{out}: no document was read ({report['skipped_lines']:,} input lines or files skipped, "
+                        f"most: {most}); check --text-key and the inputs' format (what was skipped: "
+                        f"{out}/report.json)")
