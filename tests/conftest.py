@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -145,3 +146,28 @@ def random_lora_adapter(base_dir, out, r: int = 2, seed: int = 0):
     for layer in method.layers.values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     return save_lora_adapter(method, out, str(base_dir.resolve()), tok)
+
+
+@contextlib.contextmanager
+def serving(app, **config):
+    """`app` served by uvicorn in a thread on a free 127.0.0.1 port; yields (host, port). `config`: uvicorn.Config."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -425,9 +425,9 @@ def test_concurrent_requests(fake, seed_file, tmp_path):
 
 def test_tunelab_serve_as_the_generator(base_model_dir, seed_file, tmp_path):
     """`--generator-url` against `tunelab serve` itself (the micro model; its replies are cut at max_tokens)."""
-    import socket
+    pytest.importorskip("uvicorn")
+    from conftest import serving
 
-    uvicorn = pytest.importorskip("uvicorn")
     from tunelab.serve.api import create_app
     from tunelab.serve.server import build_state
 
@@ -435,24 +435,11 @@ def test_tunelab_serve_as_the_generator(base_model_dir, seed_file, tmp_path):
     shutil.copytree(base_model_dir, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
-    state = build_state(model, precision=None)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        url = "http://{}:{}/v1".format(*sock.getsockname())
+    with serving(create_app(build_state(model, precision=None))) as address:
+        url = "http://{}:{}/v1".format(*address)
         cfg = SelfInstructConfig(seed_tasks=str(seed_file), out=str(tmp_path / "t.jsonl"), num=1, generator_url=url,
                                  max_tokens=16, prompts_per_round=2, max_rounds=1, list_length=8, retries=0)
         report = run_self_instruct(cfg)
-    finally:
-        server.should_exit = True
-        thread.join(15)
     assert report["requests"] == 2 and report["status"] == "stopped: max_rounds"
     # the server said finish_reason "length" for both replies: each reply's last block is cut, the rest malformed
     assert report["rejected"]["truncated"] == 2

@@ -12,13 +12,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import random_lora_adapter
+from conftest import random_lora_adapter, serving
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -36,21 +35,8 @@ LIMIT = 64 * 1024
 def running(state, **kw):
     """The app over `state` served by uvicorn in a thread on a free port of 127.0.0.1; yields (host, port)."""
     lifespan = kw.pop("lifespan", "on")
-    app = create_app(state, max_body_bytes=LIMIT, **kw)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    with serving(create_app(state, max_body_bytes=LIMIT, **kw), lifespan=lifespan) as address:
+        yield address
 
 
 def voice_adapter(base_dir, out, word: str, seed: int = 0, steps: int = 16):
